@@ -9,6 +9,7 @@ botocore itself (tests point them at a local S3-compatible server).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -65,6 +66,9 @@ class S3Source(Source):
                         raise TransientError(f"{what}: {code}") from e
                     if code in AUTH_CODES:
                         tried.append(f"{label} ({code})")
+                        if client is not candidates[-1][1]:
+                            print(f"fetch: {what} {self.uri} with {label} was refused ({code}); trying the next way",
+                                  file=sys.stderr, flush=True)
                         continue
                     raise self._user_error(code, what, client) from e
                 except (BotoCoreError, S3TransferRetriesExceeded) as e:
