@@ -1,0 +1,302 @@
+"""The training loop: recipe -> data -> model -> reference log-probs -> steps -> metrics,
+validation, checkpoints. Readable in one sitting on purpose; the math lives in model/.
+
+Batching: the order of pairs is a seeded permutation per epoch, and optimizer step s always
+takes pairs [s*G, (s+1)*G) of its epoch's permutation (G = global_batch_size). Rank r of D takes
+the r-th slice of those, in micro-batches of micro_batch_size. The data position is therefore a
+function of the step alone, which is what makes a resumed run identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections import deque
+from pathlib import Path
+
+import torch
+
+from recipe_runner.data.batches import collate_pairs
+from recipe_runner.data.cache import cache_key
+from recipe_runner.data.dataset import load_tokenized, load_tokenizer
+from recipe_runner.data.tokenize import pad_token_id
+from recipe_runner.errors import UserError
+from recipe_runner.model.build import build_model, fingerprint
+from recipe_runner.model.logprobs import sequence_logprobs
+from recipe_runner.model.losses import dpo_loss, orpo_loss
+from recipe_runner.recipe.checks import not_used_on
+from recipe_runner.train import checkpoint as ckpt
+from recipe_runner.train import reference
+from recipe_runner.train.distributed import all_reduce_sum, average_gradients, barrier, init_distributed, shutdown
+from recipe_runner.train.metrics import MetricsLogger, say
+from recipe_runner.train.optim import build_optimizer
+from recipe_runner.train.provenance import resolve_run_dir, write_provenance
+from recipe_runner.train.schedulers import build_scheduler
+
+METRIC_KEYS = ("reduced_train_loss", "chosen_rewards", "rejected_rewards", "reward_margin", "reward_accuracy",
+               "chosen_logps", "rejected_logps")
+ORPO_KEYS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+
+def make_autocast(device: str, precision: str):
+    """fp32 on CPU; bf16 autocast (fp32 weights and optimizer state) where the device has it."""
+    if device == "cuda" and precision != "fp32":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    if not shuffle:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+class Trainer:
+    def __init__(self, recipe, device_name: str):
+        self.r = recipe
+        self.device_name = device_name
+        self.dist = init_distributed(device_name)
+        self.main = self.dist.is_main
+        if self.dist.world != recipe.world_size:
+            raise UserError(
+                f"trainer.devices x trainer.num_nodes = {recipe.world_size} but this run has {self.dist.world} "
+                f"process(es): set trainer.devices={self.dist.world} (key=value override) or launch with "
+                f"torchrun --nproc_per_node {recipe.trainer.devices}")
+        self.device = torch.device("cuda", self.dist.local_rank) if device_name == "cuda" else torch.device("cpu")
+        self.autocast = make_autocast(device_name, recipe.precision.type)
+        d = recipe.data
+        self.gbs, self.mbs = d.global_batch_size, d.micro_batch_size
+        if self.gbs % (self.mbs * self.dist.world):
+            raise UserError(f"data.global_batch_size {self.gbs} is not divisible by micro_batch_size {self.mbs} x "
+                            f"{self.dist.world} data-parallel processes")
+        self.local_batch = self.gbs // self.dist.world
+        self.pad_to = d.seq_length if recipe.runner.data.padding == "static" else None
+        self.static = device_name == "xla"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        r, d = self.r, self.r.data
+        self.run_dir = resolve_run_dir(r, self.dist)
+        self.cache_dir = r.runner.cache_dir or str(self.run_dir / "cache")
+        unused = not_used_on(r, self.device_name)
+        if unused:
+            say(f"not used on {self.device_name}: {', '.join(unused)}", self.main)
+        say(f"run directory: {self.run_dir}", self.main)
+        self.tokenizer = load_tokenizer(d.tokenizer.type, r.runner.trust_remote_code)
+        self.pad_id = pad_token_id(self.tokenizer)
+        al = r.alignment
+        tok = dict(seq_length=d.seq_length, max_prompt_length=al.max_prompt_length,
+                   truncation_mode=al.truncation_mode, skip_invalid=r.runner.data.skip_invalid,
+                   cache_dir=self.cache_dir)
+        # rank 0 tokenizes and fills the cache; the others then read it
+        for turn in ((True,) if self.dist.world == 1 else (self.main, not self.main)):
+            if turn:
+                self.train_ex, report = load_tokenized(d.train_dir, self.tokenizer,
+                                                       dev_choose_samples=d.dev_choose_samples, **tok)
+                self.val_ex = []
+                if d.val_dir and r.trainer.limit_val_batches != 0:
+                    self.val_ex, val_report = load_tokenized(d.val_dir, self.tokenizer, **tok)
+            barrier(self.dist)
+        say(f"train data {d.train_dir}: {report.summary()}", self.main)
+        if self.val_ex:
+            say(f"validation data {d.val_dir}: {val_report.summary()}", self.main)
+        self.steps_per_epoch = len(self.train_ex) // self.gbs
+        if self.steps_per_epoch == 0:
+            raise UserError(f"data.train_dir has {len(self.train_ex)} usable pairs, fewer than one global batch "
+                            f"({self.gbs}): add data or lower data.global_batch_size")
+        t = r.trainer
+        limits = [s for s in (t.max_steps, t.max_epochs * self.steps_per_epoch if t.max_epochs > 0 else -1) if s > 0]
+        self.max_steps = min(limits)
+
+        self.model = build_model(r, trust_remote_code=r.runner.trust_remote_code).to(self.device)
+        self.model.train()
+        self.start_fp = fingerprint(r.exp_manager.resume_from_checkpoint, extra=r.model.model_config_path)
+        self._setup_reference(tok)
+        o = r.model.optim
+        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
+                                         betas=tuple(o.betas), eps=o.eps,
+                                         exclude_norm_weights=r.model.do_layer_norm_weight_decay)
+        sched = dict(o.sched)
+        self.scheduler = build_scheduler(self.optimizer, sched.pop("name"), **sched)
+        self.step, self.consumed = 0, 0
+        latest = ckpt.latest_checkpoint(self.run_dir) if r.exp_manager.resume_if_exists else None
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step, self.consumed = state["step"], state["consumed_samples"]
+            say(f"resumed from {latest} (step {self.step})", self.main)
+        write_provenance(self.run_dir, r, self.dist, device=self.device_name, tokenizer=self.tokenizer,
+                         model_config=self.model.config, start_fingerprint=self.start_fp, enabled=self.main)
+        self.logger = MetricsLogger(str(self.run_dir), enabled=self.main,
+                                    tensorboard=r.exp_manager.create_tensorboard_logger, resume_step=self.step)
+
+    def _setup_reference(self, tok: dict) -> None:
+        self.ref_model, self.ref_tables = None, {}
+        if self.r.algorithm != "dpo":
+            return
+        if not self.r.alignment.precompute_ref_log_probs:
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+            return
+        settings = {k: v for k, v in tok.items() if k != "cache_dir"}
+        for split, examples, path in (("train", self.train_ex, self.r.data.train_dir),
+                                      ("val", self.val_ex, self.r.data.val_dir)):
+            if not examples:
+                continue
+            key = cache_key(path, self.tokenizer, settings)[:16]
+            file = Path(self.cache_dir) / f"reflogps-{split}-{self.start_fp}-{key}-{self.device_name}-{self.r.precision.type}.safetensors"
+            self.ref_tables[split] = reference.precompute(
+                self.model, examples, batch_size=self.mbs, device=self.device, pad_id=self.pad_id, pad_to=self.pad_to,
+                autocast=self.autocast, dist=self.dist, cache_file=str(file), log=lambda m: say(m, self.main),
+                static_shapes=self.static)
+
+    # ------------------------------------------------------------------ one micro-batch
+    def pair_metrics(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
+        """Per-pair losses and metrics for a micro-batch (the graph is kept for backward)."""
+        batch = collate_pairs(examples, pad_id=self.pad_id, pad_to=self.pad_to)
+        ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        b = len(examples)
+        with self.autocast():
+            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            weight = self.model.get_output_embeddings().weight
+            sums, counts = sequence_logprobs(hidden, weight, labels, static_shapes=self.static)
+        pc, pr, lc, lr = sums[:b], sums[b:], counts[:b].float(), counts[b:].float()
+        al = self.r.alignment
+        if self.r.algorithm == "dpo":
+            if self.ref_model is not None:
+                with torch.no_grad(), self.autocast():
+                    out = reference.pair_logprobs(self.ref_model, examples, device=self.device, pad_id=self.pad_id,
+                                                  pad_to=self.pad_to, autocast=self.autocast, static_shapes=self.static)
+                rc, rr = out["chosen"], out["rejected"]
+            else:
+                rc, rr = reference.lookup(self.ref_tables[split], [e["id"] for e in examples], self.device)
+            out = dpo_loss(pc, pr, rc, rr, beta=al.kl_beta, loss_type=al.loss_type,
+                           label_smoothing=al.label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
+        else:
+            mc, mr = pc / lc, pr / lr
+            if al.nll_scope == "sequence":  # TRL/paper: prompt and response tokens of the chosen sequence
+                full = torch.where(mask[:b].bool(), ids[:b], torch.full_like(ids[:b], -100))
+                with self.autocast():
+                    fs, fc = sequence_logprobs(hidden[:b], weight, full, static_shapes=self.static)
+                nll = -fs / fc
+            else:  # NxDT: response tokens only
+                nll = -mc
+            out = orpo_loss(mc, mr, nll, beta=al.beta)
+        out["reward_margin"] = out["chosen_rewards"] - out["rejected_rewards"]
+        out["reward_accuracy"] = (out["chosen_rewards"] > out["rejected_rewards"]).float()
+        out["chosen_logps"], out["rejected_logps"] = pc.detach(), pr.detach()
+        out["tokens"] = mask.sum().float().expand(1)
+        return out
+
+    def _summed(self, parts: list[dict], n_pairs: int) -> dict[str, float]:
+        """Average per-pair metrics over the pairs of all ranks (the whole global batch)."""
+        keys = METRIC_KEYS + (ORPO_KEYS if self.r.algorithm == "orpo" else ())
+        src = {"reduced_train_loss": "loss"}
+        # every rank reduces the same vector, even one with no pairs (validation tails)
+        vec = torch.tensor([sum(float(p[src.get(k, k)].detach().float().sum()) for p in parts) for k in keys]
+                           + [sum(float(p["tokens"].sum()) for p in parts)], dtype=torch.float64)
+        all_reduce_sum(vec, self.dist)
+        vals = {k: vec[i].item() / n_pairs for i, k in enumerate(keys)}
+        vals["tokens"] = vec[-1].item()
+        return vals
+
+    # ------------------------------------------------------------------ loop
+    def global_batch(self, step: int) -> list[dict]:
+        epoch, pos = divmod(step, self.steps_per_epoch)
+        order = epoch_order(len(self.train_ex), self.r.seed, epoch, self.r.runner.data.shuffle)
+        chosen = order[pos * self.gbs:(pos + 1) * self.gbs]
+        mine = chosen[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
+        return [self.train_ex[i] for i in mine]
+
+    def train_step(self, step: int) -> dict[str, float]:
+        examples = self.global_batch(step)
+        parts = []
+        for s in range(0, len(examples), self.mbs):
+            out = self.pair_metrics(examples[s:s + self.mbs], "train")
+            (out["loss"].sum() / self.gbs).backward()
+            parts.append(out)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        average_gradients(params, self.dist)
+        clip = self.r.trainer.gradient_clip_val
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        vals = self._summed(parts, self.gbs)
+        vals.update(lr=lr, gradient_norm=float(grad_norm))
+        return vals
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        examples = self.val_ex
+        limit = self.r.trainer.limit_val_batches
+        if isinstance(limit, float) and limit < 1.0:
+            examples = examples[: max(1, int(len(examples) * limit))]
+        elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+            examples = examples[: limit * self.mbs * self.dist.world]
+        mine = examples[self.dist.rank::self.dist.world]
+        parts = [self.pair_metrics(mine[s:s + self.mbs], "val") for s in range(0, len(mine), self.mbs)]
+        self.model.train()
+        vals = self._summed(parts, max(1, len(examples)))
+        vals.pop("tokens", None)
+        return {f"val_{k.replace('reduced_train_loss', 'loss')}": v for k, v in vals.items()}
+
+    def _val_due(self, step: int) -> bool:
+        interval = self.r.trainer.val_check_interval
+        every = max(1, round(interval * self.steps_per_epoch)) if isinstance(interval, float) else interval
+        return bool(self.val_ex) and step % every == 0 and step < self.max_steps
+
+    def save(self) -> None:
+        em = self.r.exp_manager
+        if not em.create_checkpoint_callback:
+            return
+        if self.main:
+            cp = em.checkpoint_callback_params
+            name = ckpt.checkpoint_name(cp.filename, name=self.r.name, step=self.step, consumed_samples=self.consumed)
+            path = ckpt.save_checkpoint(self.run_dir, name, model=self.model, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, save_top_k=cp.save_top_k,
+                                        state={"step": self.step, "consumed_samples": self.consumed})
+            say(f"checkpoint saved: {path}")
+        barrier(self.dist)
+
+    def run(self) -> Path:
+        self.setup()
+        r, em = self.r, self.r.exp_manager
+        every_ckpt = em.checkpoint_callback_params.every_n_train_steps
+        if self.step >= self.max_steps:
+            say(f"nothing to do: step {self.step} already reached max_steps {self.max_steps}", self.main)
+            self.logger.close()
+            shutdown(self.dist)
+            return self.run_dir
+        times: deque[float] = deque(maxlen=10)
+        peak = 0.0
+        while self.step < self.max_steps:
+            t0 = time.perf_counter()
+            vals = self.train_step(self.step)
+            self.step += 1
+            self.consumed += self.gbs
+            times.append(time.perf_counter() - t0)
+            mean_t = sum(times) / len(times)
+            peak = max(peak, self.gbs / mean_t)
+            if self.step % r.trainer.log_every_n_steps == 0 or self.step == self.max_steps:
+                if em.log_parameter_norm:
+                    vals["parameter_norm"] = torch.sqrt(sum((p.detach().float() ** 2).sum()
+                                                            for p in self.model.parameters())).item()
+                vals.update(consumed_samples=self.consumed, throughput=self.gbs / mean_t, throughput_peak=peak,
+                            tokens_per_s=vals.pop("tokens") / times[-1])
+                if not em.log_gradient_norm:
+                    vals.pop("gradient_norm")
+                self.logger.log(self.step, self.max_steps, vals, eta=(self.max_steps - self.step) * mean_t)
+            if self._val_due(self.step):
+                self.logger.log(self.step, self.max_steps, self.validate(), prefix="val_")
+            if self.step % every_ckpt == 0 and self.step < self.max_steps:
+                self.save()
+        if self.val_ex:
+            self.logger.log(self.step, self.max_steps, self.validate(), prefix="val_")
+        if not ckpt.list_checkpoints(self.run_dir) or ckpt.list_checkpoints(self.run_dir)[-1][0] < self.step:
+            self.save()
+        self.logger.close()
+        shutdown(self.dist)
+        return self.run_dir
