@@ -62,7 +62,9 @@ def checkpoint_kind(path: str | None) -> str | None:
 def build_model(recipe, *, trust_remote_code: bool = False) -> torch.nn.Module:
     """The policy in fp32 on the CPU (the training loop moves it to its device)."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # carriage-return bars are noise in `kubectl logs`
     config = load_config(recipe)
     start = recipe.exp_manager.resume_from_checkpoint
     kind = checkpoint_kind(start)

@@ -38,7 +38,21 @@ NEVER_USED = (
 def not_used_on(recipe: Recipe, device: str) -> list[str]:
     """Keys written in the recipe that have no effect on `device` (printed once at start)."""
     ignored = NEVER_USED + (() if device == "xla" else XLA_ONLY + ("precision.type",) * (device == "cpu"))
-    return sorted(k for k in recipe.explicit_keys if any(k == i or k.startswith(i + ".") for i in ignored))
+    unused = sorted(k for k in recipe.explicit_keys if any(k == i or k.startswith(i + ".") for i in ignored))
+    return _collapse(unused, recipe.explicit_keys)
+
+
+def _collapse(keys: list[str], written: frozenset) -> list[str]:
+    """`section.*` when every key written under a section is unused, to keep the line short."""
+    out: list[str] = []
+    for key in keys:
+        head = key.split(".")[0]
+        if "." in key and all(k in keys for k in written if k.startswith(head + ".")):
+            if f"{head}.*" not in out:
+                out.append(f"{head}.*")
+        else:
+            out.append(key)
+    return out
 
 
 def cross_checks(recipe: Recipe, device: str) -> list[tuple[str, str]]:

@@ -27,12 +27,14 @@ def asset_path(rel: str) -> str:
 
 
 def _register_resolvers() -> None:
+    # OmegaConf >= 2.4 names it register_resolver; the Neuron images' 2.3 register_new_resolver.
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
     # NxDT registers `multiply` for model_parallel_size: ${multiply:TP,PP}.
     if not OmegaConf.has_resolver("multiply"):
-        OmegaConf.register_new_resolver("multiply", lambda a, b: a * b)
+        register("multiply", lambda a, b: a * b)
     # ${asset:tiny/model} -> a path inside the installed package, so tiny recipes run anywhere.
     if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", asset_path)
+        register("asset", asset_path)
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:

@@ -270,6 +270,8 @@ class Trainer:
             self.logger.close()
             shutdown(self.dist)
             return self.run_dir
+        if self.step == 0 and self.val_ex:  # the baseline: policy == reference, rewards 0, accuracy 0
+            self.logger.log(0, self.max_steps, self.validate(), prefix="val_")
         times: deque[float] = deque(maxlen=10)
         peak = 0.0
         while self.step < self.max_steps:

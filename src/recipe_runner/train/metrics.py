@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Order of the progress line: the seed's fields first, then ours.
 LINE_ORDER = ("consumed_samples", "reduced_train_loss", "chosen_rewards", "rejected_rewards", "reward_margin",
-              "reward_accuracy", "nll_loss", "log_odds_ratio", "log_odds_chosen", "lr", "parameter_norm",
+              "reward_accuracy", "chosen_logps", "rejected_logps", "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "lr", "parameter_norm",
               "gradient_norm", "throughput", "throughput_peak", "tokens_per_s")
 
 
