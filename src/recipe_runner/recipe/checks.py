@@ -126,6 +126,9 @@ def add_sched_problems(sched: dict, add) -> None:
         return
     import difflib
 
+    for k in schedulers.required_params(str(name)):
+        if k not in sched and k != "max_steps":  # max_steps always comes from trainer.max_steps
+            add(f"{key}.{k}", f"scheduler {name} needs `{k}`: add it under model.optim.sched")
     for k in sched:
         if k != "name" and k not in accepted:
             close = difflib.get_close_matches(k, list(accepted), n=1)

@@ -106,7 +106,7 @@ class Optim(Strict):
     weight_decay: float = Field(0.01, ge=0)
     capturable: bool = False
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-6, gt=0)
+    eps: Optional[float] = Field(None, gt=0, description="default: 1e-6 for adamw_fp32OptState, 1e-8 for adamw/adam")
     sched: dict[str, Any] = Field(default_factory=lambda: {"name": "LinearAnnealingWithWarmUp", "warmup_steps": 0})
 
 

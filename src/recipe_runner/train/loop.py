@@ -118,7 +118,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
                                          betas=tuple(o.betas), eps=o.eps,
                                          exclude_norm_weights=r.model.do_layer_norm_weight_decay)
-        sched = dict(o.sched)
+        sched = dict(o.sched, max_steps=self.max_steps)  # NxDT: always trainer.max_steps
         self.scheduler = build_scheduler(self.optimizer, sched.pop("name"), **sched)
         self.step, self.consumed = 0, 0
         latest = ckpt.latest_checkpoint(self.run_dir) if r.exp_manager.resume_if_exists else None
