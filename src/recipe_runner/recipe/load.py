@@ -83,8 +83,14 @@ def parse_override(text: str) -> tuple[str, object, bool]:
 
 
 def _migrate_legacy(raw: dict, notes: list[str]) -> None:
-    """Older NxDT DPO configs put the DPO keys under data.alignment_strategy.dpo with
-    max_dpo_prompt_length; move them to model_alignment_strategy.dpo."""
+    """Spellings NxDT material uses that are not the keys NxDT reads: older DPO configs put the
+    DPO keys under data.alignment_strategy.dpo (with max_dpo_prompt_length), and the tutorial's
+    ORPO block writes model.encoder_seq_len. NxDT silently ignores what it does not read; here
+    they are mapped to the real keys with a note."""
+    model = raw.get("model")
+    if isinstance(model, dict) and "encoder_seq_len" in model:
+        model["encoder_seq_length"] = model.pop("encoder_seq_len")  # the tutorial's ORPO block spells it so
+        notes.append("model.encoder_seq_len (the NxDT tutorial's spelling) read as model.encoder_seq_length")
     legacy = (raw.get("data") or {}).pop("alignment_strategy", None) if isinstance(raw.get("data"), dict) else None
     if not legacy:
         return
