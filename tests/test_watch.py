@@ -170,7 +170,8 @@ def test_pending_on_neuron_devices_is_explained(capsys, tmp_path):
     with FakeKube(routes) as fake:
         code, out, _ = watch(capsys, tmp_path, fake, "--once")
     assert code == 0
-    assert f"pod {POD0} (rank 0): Pending" in out
+    assert f"pod {POD0} (rank 0): Pending (not scheduled yet)\n" in out
+    assert f"{POD0}: the cluster autoscaler will not add a node: pod didn't trigger scale-up: " in out
     assert ("no node has 16 free aws.amazon.com/neuron: is the Neuron device plugin installed and are "
             "Trn1 nodes in the cluster?") in out
     assert "no node has 8 free vpc.amazonaws.com/efa: is the EFA device plugin" in out
@@ -255,6 +256,25 @@ def test_successful_run_streams_progress_and_exits_zero(capsys, tmp_path):
     assert "trainer: loading checkpoint /shared/checkpoints/llama3-8b-nxd" in out
     assert "some noisy line" not in out
     assert lines[-1].startswith("job dpo-demo-trainer complete: step 50/50 (100%) | loss 0.4931")
+
+
+def test_pytorchjob_launcher_failure_shows_trainer_log(capsys, tmp_path):
+    """The chart's `launcher: pytorchjob` makes a Kubeflow PyTorchJob instead of a batch Job."""
+    empty = {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}
+    routes = {
+        JOBS: empty,
+        f"/apis/kubeflow.org/v1/namespaces/{NS}/pytorchjobs": fixture("pytorchjobs_failed.json"),
+        api("pods"): fixture("pods_pytorchjob_failed.json"),
+        api("pods/dpo-demo-trainer-master-0/log") + "?container=trainer": fixture("log_trainer_oom.txt"),
+    }
+    with FakeKube(routes) as fake:
+        code, out, _ = watch(capsys, tmp_path, fake)
+    assert code == 1
+    assert "pod dpo-demo-trainer-master-0 (rank 0): Failed | init fetch done, prepare-data done, convert-checkpoint done | trainer failed (exit 1)" in out
+    assert "container trainer failed (exit code 1, Error)" in out
+    assert "RuntimeError: Failed to allocate 268435456 bytes on Neuron device 3: RESOURCE_EXHAUSTED" in out
+    assert out.rstrip().endswith("job dpo-demo-trainer failed: PyTorchJobFailed: PyTorchJob train/dpo-demo-trainer is "
+                                 "failed because 1 Master replica(s) failed.")
 
 
 def test_unknown_release_lists_what_exists(capsys, tmp_path):

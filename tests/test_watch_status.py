@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from kubernetes.client import ApiClient
 
 from recipe_runner.deploy import k8s_status as ks
@@ -118,3 +119,23 @@ def test_job_result_from_conditions():
     assert ks.job_result(jobs["running"]) == ("running", "")
     assert ks.job_result(jobs["failed"]) == ("failed", "BackoffLimitExceeded: Job has reached the specified backoff limit")
     assert ks.job_result(jobs["complete"])[0] == "complete"
+
+
+def test_reads_the_trainers_own_progress_lines():
+    """The contract with train/metrics.py: whatever it prints, watch reads back."""
+    from recipe_runner.train.metrics import progress_line
+
+    values = {"consumed_samples": 640, "reduced_train_loss": 0.6531, "chosen_rewards": 0.012, "rejected_rewards": -0.008,
+              "reward_margin": 0.02, "reward_accuracy": 0.55, "lr": 5e-7, "gradient_norm": 1.4, "throughput": 5.33,
+              "tokens_per_s": 43663.0}
+    p = parse_progress_line(progress_line(10, 50, values, elapsed=782.0, eta=480.0))
+    assert (p.step, p.max_steps, p.validation) == (10, 50, False)
+    for key, value in values.items():
+        assert p.fields[key] == pytest.approx(value, rel=1e-3), key
+    assert p.fields["elapsed"] == 782 and p.fields["eta"] == 480
+    text = summarize(p, p.number("eta"))
+    assert text.startswith("step 10/50 (20%) | loss 0.6531 | rewards chosen +0.0120 rejected -0.0080 | margin +0.0200 | acc 0.550")
+    assert "5.33 pairs/s | 43663 tokens/s | elapsed 0:13:02 | ETA 0:08:00" in text
+    v = parse_progress_line(progress_line(30, 50, {"val_loss": 0.5832, "val_reward_accuracy": 0.8125}, 900.0, None, prefix="val_"))
+    assert v.validation and v.step == 30
+    assert summarize(v) == "validation @ step 30 | loss 0.5832 | acc 0.812"

@@ -93,6 +93,8 @@ def pod_summary(pod) -> str:
     index = completion_index(pod)
     phase = (pod.status.phase if pod.status else None) or "Unknown"
     head = f"pod {pod.metadata.name}" + (f" (rank {index})" if index is not None else "") + f": {phase}"
+    if pod.status is None or not (pod.status.init_container_statuses or pod.status.container_statuses):
+        return head + (" (not scheduled yet)" if phase == "Pending" and not pod.spec.node_name else "")
     parts = []
     inits = init_states(pod)
     if inits:
@@ -259,6 +261,12 @@ def explain_pending(pod, events: Iterable, pvc_phase=None) -> list[str]:
             scheduling = failed[-1].message
     if scheduling:
         reasons.extend(explain_scheduling(scheduling, pod, pvc_phase))
+    # The cluster autoscaler says whether a node is coming (events of type Normal).
+    for e in sorted(events, key=lambda e: str(_event_time(e) or "")):
+        if e.reason == "NotTriggerScaleUp" and e.message:
+            reasons.append(f"the cluster autoscaler will not add a node: {e.message}")
+        elif e.reason == "TriggeredScaleUp" and e.message:
+            reasons.append(f"the cluster autoscaler is adding a node: {e.message}")
     for e in warnings:
         if e.reason in ("FailedMount", "FailedAttachVolume"):
             reasons.append(
@@ -272,6 +280,36 @@ def explain_pending(pod, events: Iterable, pvc_phase=None) -> list[str]:
             if text:
                 reasons.append(text)
     return list(dict.fromkeys(reasons))
+
+
+@dataclass
+class TrainingJob:
+    """The release's training job, whichever launcher the chart used (batch Job or PyTorchJob)."""
+
+    kind: str  # Job | PyTorchJob
+    name: str
+    created: str
+    state: str  # running | complete | failed
+    message: str = ""
+
+
+def from_batch_job(job) -> TrainingJob:
+    state, message = job_result(job)
+    return TrainingJob("Job", job.metadata.name, str(job.metadata.creation_timestamp or ""), state, message)
+
+
+def from_pytorchjob(obj: dict) -> TrainingJob:
+    """A Kubeflow PyTorchJob (a plain dict from CustomObjectsApi): Succeeded / Failed conditions."""
+    meta = obj.get("metadata") or {}
+    state, message = "running", ""
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond.get("status") != "True":
+            continue
+        if cond.get("type") == "Succeeded":
+            state, message = "complete", cond.get("message") or ""
+        elif cond.get("type") == "Failed":
+            state, message = "failed", ": ".join(x for x in (cond.get("reason"), cond.get("message")) if x)
+    return TrainingJob("PyTorchJob", meta.get("name", "?"), str(meta.get("creationTimestamp") or ""), state, message)
 
 
 def job_result(job) -> tuple[str, str]:

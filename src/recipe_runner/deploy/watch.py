@@ -42,14 +42,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.interval <= 0:
         raise UserError(f"--interval must be positive, got {args.interval}")
-    core, batch, namespace = connect(args.kubeconfig, args.context, args.namespace)
-    watcher = Watcher(core, batch, namespace, args.release, tail=args.tail, raw=args.raw)
+    api, namespace = connect(args.kubeconfig, args.context, args.namespace)
+    watcher = Watcher(api, namespace, args.release, tail=args.tail, raw=args.raw)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     return watcher.run(once=args.once, interval=args.interval, deadline=deadline)
 
 
 def connect(kubeconfig: str | None, context: str | None, namespace: str | None):
-    """(CoreV1Api, BatchV1Api, namespace) from a kubeconfig, or in-cluster credentials when
+    """(ApiClient, namespace) from a kubeconfig, or in-cluster credentials when
     there is no kubeconfig (watch running as a pod). A private Configuration keeps the client's
     global default untouched."""
     from kubernetes import client, config
@@ -83,8 +83,7 @@ def connect(kubeconfig: str | None, context: str | None, namespace: str | None):
             with open(SA_NAMESPACE_FILE) as f:
                 namespace = f.read().strip()
         namespace = namespace or "default"
-    api = client.ApiClient(cfg)
-    return client.CoreV1Api(api), client.BatchV1Api(api), namespace
+    return client.ApiClient(cfg), namespace
 
 
 def _api_error(e: Exception, what: str) -> UserError:
@@ -104,8 +103,12 @@ def _created(obj):
 class Watcher:
     """One watch session: polls the Job and its pods, prints what changed, follows rank 0."""
 
-    def __init__(self, core, batch, namespace: str, release: str, tail: int = 200, raw: bool = False, out=None):
-        self.core, self.batch, self.namespace, self.release = core, batch, namespace, release
+    def __init__(self, api, namespace: str, release: str, tail: int = 200, raw: bool = False, out=None):
+        from kubernetes import client
+
+        self.core, self.batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.namespace, self.release = namespace, release
         self.selector = f"{INSTANCE}={release},{COMPONENT}={ks.MAIN_CONTAINER}"
         self.tail, self.raw = tail, raw
         self.out = out or (lambda text: print(text, flush=True))
@@ -127,12 +130,11 @@ class Watcher:
             job = self.find_job()
             pods = self.job_pods(job)
             self.describe(job, pods)
-            state, message = ks.job_result(job)
-            if state == "complete":
-                self.out(f"job {job.metadata.name} complete" + (f": {self.last_summary}" if self.last_summary else ""))
+            if job.state == "complete":
+                self.out(f"job {job.name} complete" + (f": {self.last_summary}" if self.last_summary else ""))
                 return 0
-            if state == "failed":
-                self.out(f"job {job.metadata.name} failed: {message or 'no reason given'}")
+            if job.state == "failed":
+                self.out(f"job {job.name} failed: {job.message or 'no reason given'}")
                 return 1
             rank0 = self.rank0(pods)
             if once:
@@ -145,22 +147,34 @@ class Watcher:
             else:
                 interval_now = interval
             if deadline is not None and time.monotonic() >= deadline:
-                self.out(f"job {job.metadata.name} still running after --timeout; stopped watching")
+                self.out(f"job {job.name} still running after --timeout; stopped watching")
                 return EXIT_TIMEOUT
             time.sleep(interval_now if deadline is None else max(0.0, min(interval_now, deadline - time.monotonic())))
 
-    def find_job(self):
+    def find_job(self) -> ks.TrainingJob:
+        """The newest trainer Job of the release; a Kubeflow PyTorchJob when the chart's launcher
+        is `pytorchjob` (looked for only when there is no batch Job)."""
         try:
-            jobs = self.batch.list_namespaced_job(self.namespace, label_selector=self.selector).items
+            jobs = [ks.from_batch_job(j) for j in self.batch.list_namespaced_job(self.namespace, label_selector=self.selector).items]
         except Exception as e:
             raise _api_error(e, f"list jobs in namespace {self.namespace}") from e
         if not jobs:
+            jobs = [ks.from_pytorchjob(j) for j in self.pytorchjobs(self.selector)]
+        if not jobs:
             raise self.not_found()
-        jobs.sort(key=_created)
+        jobs.sort(key=lambda j: j.created)
         if len(jobs) > 1:
-            names = ", ".join(j.metadata.name for j in jobs)
+            names = ", ".join(j.name for j in jobs)
             self.say_once(f"release {self.release} has {len(jobs)} trainer jobs ({names}); watching the newest")
         return jobs[-1]
+
+    def pytorchjobs(self, selector: str) -> list[dict]:
+        try:
+            found = self.custom.list_namespaced_custom_object("kubeflow.org", "v1", self.namespace, "pytorchjobs",
+                                                              label_selector=selector)
+        except Exception:
+            return []  # no training operator in this cluster (404), or not allowed to look
+        return list(found.get("items") or [])
 
     def not_found(self) -> UserError:
         """Which namespace was searched, and which releases exist, so a typo is a one-step fix."""
@@ -169,6 +183,7 @@ class Watcher:
         elsewhere: list[str] = []
         try:
             here = sorted({(j.metadata.labels or {}).get(INSTANCE, "?") for j in self.batch.list_namespaced_job(self.namespace, label_selector=label).items})
+            here = sorted(set(here) | {(j["metadata"].get("labels") or {}).get(INSTANCE, "?") for j in self.pytorchjobs(label)})
         except Exception:
             pass
         try:
@@ -185,17 +200,16 @@ class Watcher:
             f"labelled {self.selector}); {found}. Check the release name, or pass -n NAMESPACE"
         )
 
-    def job_pods(self, job) -> list:
+    def job_pods(self, job: ks.TrainingJob) -> list:
         try:
             pods = self.core.list_namespaced_pod(self.namespace, label_selector=self.selector).items
         except Exception as e:
             raise _api_error(e, f"list pods in namespace {self.namespace}") from e
-        name = job.metadata.name
-
         def belongs(pod) -> bool:
             labels = pod.metadata.labels or {}
-            owner = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
-            return owner is None or owner == name
+            owner = (labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+                     or labels.get("training.kubeflow.org/job-name"))
+            return owner is None or owner == job.name
 
         pods = [p for p in pods if belongs(p)]
         pods.sort(key=lambda p: (ks.completion_index(p) or "", _created(p)))
@@ -222,12 +236,12 @@ class Watcher:
 
     # -- describing pods ------------------------------------------------------------------------
 
-    def describe(self, job, pods: list) -> None:
+    def describe(self, job: ks.TrainingJob, pods: list) -> None:
         if not pods:
-            self.say_once(f"job {job.metadata.name}: no pods yet")
-            for e in self.events("Job", job.metadata.name):
+            self.say_once(f"job {job.name}: no pods yet")
+            for e in self.events(job.kind, job.name):
                 if e.type == "Warning":
-                    self.say_once(f"  job {job.metadata.name}: {e.reason}: {e.message}")
+                    self.say_once(f"  job {job.name}: {e.reason}: {e.message}")
             return
         for pod in pods:
             self.say_once(ks.pod_summary(pod))
