@@ -27,7 +27,8 @@ from recipe_runner.prepare import transfer
 from recipe_runner.prepare.manifest import (describe_files, list_files, manifest_path, read_manifest,
                                             why_stale, write_manifest)
 from recipe_runner.prepare.sources import open_source
-from recipe_runner.prepare.transfer import check_free_space, disk_full_is_user_error, exclusive, human_bytes
+from recipe_runner.prepare.transfer import (check_free_space, disk_full_is_user_error, exclusive, human_bytes,
+                                            make_parent)
 
 TMP_MARK = ".fetch-tmp-"
 
@@ -104,7 +105,7 @@ def fetch(uri: str, dest: str | os.PathLike, sha256: str | None = None, revision
     dest_path = Path(dest).expanduser().absolute()
     if not source.is_dir and (str(dest).endswith("/") or dest_path.is_dir()):
         dest_path = dest_path / Path(uri.rstrip("/")).name  # a file into an existing directory
-    dest_path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(dest_path)
     mpath = manifest_path(dest_path, source.is_dir)
 
     with exclusive(dest_path, "fetch"):

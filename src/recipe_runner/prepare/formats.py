@@ -28,7 +28,7 @@ from recipe_runner.errors import UserError
 from recipe_runner.prepare.manifest import list_files, sha256_file
 from recipe_runner.prepare.rows import BadRow, read_rows
 from recipe_runner.prepare.templates import Renderer, SkipRow, converter
-from recipe_runner.prepare.transfer import atomic_write_text, exclusive
+from recipe_runner.prepare.transfer import atomic_write_text, exclusive, make_parent
 
 FORMAT = "recipe-runner-prepare-data/1"
 SHOW_LOCATIONS = 5
@@ -115,7 +115,7 @@ def prepare(input: str, output: str, format: str = "preference", fields: dict[st
                 "chat_template_sha256": _sha(render.tokenizer.chat_template) if render else None,
                 "validation_fraction": fraction, "split_seed": int(split_seed), "strict": bool(strict), "version": FORMAT}
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(out_path)
     with exclusive(out_path, "prepare-data"):
         input_sha = _input_sha256(in_path)
         mpath = out_path.with_name(out_path.name + ".manifest.json")

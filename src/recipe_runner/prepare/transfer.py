@@ -71,6 +71,8 @@ class LineProgress:
 
     def update(self, n: int) -> None:
         self.done += n
+        if self.total is not None and self.total < QUIET_BELOW:
+            return
         if self.total:
             pct = 100 * self.done // self.total
             if pct >= self._next_pct and pct < 100:
@@ -153,6 +155,15 @@ def exclusive(path: Path, what: str) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def make_parent(path: Path) -> None:
+    """Create the parent directory, saying what to fix when the volume is not writable."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except PermissionError as e:
+        raise UserError(f"cannot create {path.parent}: permission denied. Check the volume mount and the pod's "
+                        "securityContext (runAsUser / fsGroup) so that this container may write there.") from e
 
 
 def atomic_write_text(path: Path, text: str) -> None:
