@@ -134,3 +134,22 @@ def test_missing_or_empty_metrics_is_a_user_error(tmp_path, capsys, content):
 def test_missing_run_dir_is_a_user_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_reads_what_the_trainers_metrics_logger_writes(tmp_path, capsys):
+    """The contract with train/metrics.py: report reads the file the trainer writes."""
+    from recipe_runner.train.metrics import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path), enabled=True, tensorboard=False)
+    for step in (1, 2, 3):
+        logger.log(step, 3, {"consumed_samples": 4 * step, "reduced_train_loss": 0.7 - 0.1 * step, "reward_accuracy": 0.25 * step,
+                             "chosen_rewards": 0.01 * step, "rejected_rewards": -0.01 * step, "reward_margin": 0.02 * step,
+                             "lr": 1e-6, "gradient_norm": float("nan"), "throughput": 2.0, "tokens_per_s": 500.0})
+    logger.log(3, 3, {"val_loss": 0.45, "val_reward_accuracy": 0.75, "val_reward_margin": 0.05}, prefix="val_")
+    logger.close()
+    capsys.readouterr()
+    assert main(["report", str(tmp_path)]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "| reduced_train_loss | 0.6 | 0.4 | 0.4 (3) |" in md and "| val_loss | 0.45 |" in md
+    assert not (tmp_path / "report" / "grad_norm.png").exists()  # only NaN (null) gradient norms: no plot
+    assert (tmp_path / "report" / "validation.png").read_bytes()[:8] == PNG_SIGNATURE

@@ -258,6 +258,16 @@ def test_successful_run_streams_progress_and_exits_zero(capsys, tmp_path):
     assert lines[-1].startswith("job dpo-demo-trainer complete: step 50/50 (100%) | loss 0.4931")
 
 
+def test_finished_run_shows_its_last_progress(capsys, tmp_path):
+    routes = {JOBS: fixture("jobs_complete.json"), api("pods"): fixture("pods_succeeded.json"),
+              api(f"pods/{POD0}/log") + "?container=trainer": fixture("log_trainer.txt")}
+    with FakeKube(routes) as fake:
+        code, out, _ = watch(capsys, tmp_path, fake)
+    assert code == 0
+    assert "step 50/50 (100%) | loss 0.4931" in out and "following" not in out
+    assert out.splitlines()[-1].startswith("job dpo-demo-trainer complete: step 50/50 (100%)")
+
+
 def test_pytorchjob_launcher_failure_shows_trainer_log(capsys, tmp_path):
     """The chart's `launcher: pytorchjob` makes a Kubeflow PyTorchJob instead of a batch Job."""
     empty = {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}

@@ -131,6 +131,9 @@ class Watcher:
             pods = self.job_pods(job)
             self.describe(job, pods)
             if job.state == "complete":
+                rank0 = self.rank0(pods)
+                if self.last_summary is None and rank0 is not None:  # finished before we looked
+                    self.show_latest_progress(rank0)
                 self.out(f"job {job.name} complete" + (f": {self.last_summary}" if self.last_summary else ""))
                 return 0
             if job.state == "failed":
@@ -324,7 +327,8 @@ class Watcher:
         for line in reversed(self.log_tail(pod.metadata.name, ks.MAIN_CONTAINER, lines=max(self.tail, 1))):
             progress = parse_progress_line(line.split("\r")[-1])
             if progress is not None and not progress.validation:
-                self.out(summarize(progress, self.estimate(progress)))
+                self.last_summary = summarize(progress, self.estimate(progress))
+                self.out(self.last_summary)
                 return
 
     def follow(self, pod, deadline: float | None) -> None:
