@@ -268,6 +268,17 @@ def test_finished_run_shows_its_last_progress(capsys, tmp_path):
     assert out.splitlines()[-1].startswith("job dpo-demo-trainer complete: step 50/50 (100%)")
 
 
+def test_job_deleted_after_success_is_not_a_typo(capsys, tmp_path):
+    empty = {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}
+    routes = {JOBS: [fixture("jobs_running.json"), fixture("jobs_running.json"), empty],
+              api("pods"): [fixture("pods_running.json"), fixture("pods_succeeded.json")],
+              api(f"pods/{POD0}/log") + "?container=trainer": fixture("log_trainer.txt")}
+    with FakeKube(routes) as fake:
+        code, out, err = watch(capsys, tmp_path, fake)
+    assert code == 0, err
+    assert "job dpo-demo-trainer no longer exists" in out and "had finished" in out
+
+
 def test_pytorchjob_launcher_failure_shows_trainer_log(capsys, tmp_path):
     """The chart's `launcher: pytorchjob` makes a Kubeflow PyTorchJob instead of a batch Job."""
     empty = {"kind": "JobList", "apiVersion": "batch/v1", "metadata": {}, "items": []}

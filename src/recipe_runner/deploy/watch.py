@@ -96,6 +96,11 @@ def _api_error(e: Exception, what: str) -> UserError:
     return UserError(f"cannot reach the Kubernetes API to {what}: {e}. Is the cluster up and the kubeconfig current?")
 
 
+class ReleaseNotFound(UserError):
+    """No trainer job for the release (exit 2), told apart from API errors so that a job that
+    vanishes mid-watch is not mistaken for a typo."""
+
+
 def _created(obj):
     return str(obj.metadata.creation_timestamp or "")
 
@@ -117,6 +122,8 @@ class Watcher:
         self.follows: dict[str, int] = {}  # pod uid -> how many times its trainer log was followed
         self.eta = EtaEstimator()
         self.last_summary: str | None = None
+        self.seen_job: str | None = None
+        self.trainer_done = False  # rank 0's trainer exited 0 (the result if the Job is deleted)
 
     def say_once(self, text: str) -> None:
         if text not in self.printed:
@@ -127,11 +134,21 @@ class Watcher:
 
     def run(self, once: bool = False, interval: float = 10.0, deadline: float | None = None) -> int:
         while True:
-            job = self.find_job()
+            try:
+                job = self.find_job()
+            except ReleaseNotFound:
+                if self.seen_job is None:
+                    raise
+                self.out(f"job {self.seen_job} no longer exists (deleted, or removed by ttlSecondsAfterFinished); "
+                         f"rank 0's trainer {'had finished' if self.trainer_done else 'had not finished'}")
+                return 0 if self.trainer_done else 1
+            self.seen_job = job.name
             pods = self.job_pods(job)
             self.describe(job, pods)
+            rank0 = self.rank0(pods)
+            if rank0 is not None:
+                self.trainer_done = any(c.name == ks.MAIN_CONTAINER and c.state == "done" for c in ks.main_states(rank0))
             if job.state == "complete":
-                rank0 = self.rank0(pods)
                 if self.last_summary is None and rank0 is not None:  # finished before we looked
                     self.show_latest_progress(rank0)
                 self.out(f"job {job.name} complete" + (f": {self.last_summary}" if self.last_summary else ""))
@@ -139,7 +156,6 @@ class Watcher:
             if job.state == "failed":
                 self.out(f"job {job.name} failed: {job.message or 'no reason given'}")
                 return 1
-            rank0 = self.rank0(pods)
             if once:
                 if rank0 is not None and self._trainer_started(rank0):
                     self.show_latest_progress(rank0)
@@ -179,7 +195,7 @@ class Watcher:
             return []  # no training operator in this cluster (404), or not allowed to look
         return list(found.get("items") or [])
 
-    def not_found(self) -> UserError:
+    def not_found(self) -> ReleaseNotFound:
         """Which namespace was searched, and which releases exist, so a typo is a one-step fix."""
         label = f"{NAME}=recipe-runner,{COMPONENT}={ks.MAIN_CONTAINER}"
         here: list[str] = []
@@ -198,7 +214,7 @@ class Watcher:
         found = f"releases found there: {', '.join(here)}" if here else "no recipe-runner releases found there"
         if elsewhere:
             found += f"; in other namespaces: {', '.join(sorted(set(elsewhere)))}"
-        return UserError(
+        return ReleaseNotFound(
             f"no training job for release {self.release!r} in namespace {self.namespace} (searched Jobs "
             f"labelled {self.selector}); {found}. Check the release name, or pass -n NAMESPACE"
         )
