@@ -215,6 +215,7 @@ def test_kill_9_mid_download_then_rerun(server, tmp_path):
 
 def test_two_concurrent_fetches_download_once(server, tmp_path):
     server.plan["/data.bin"] = ["slow"]
+    server.slow_chunk_delay = 0.1  # ~3 s of download: the second process starts well within it
     dest = tmp_path / "shared" / "data.bin"
     procs = [subprocess.Popen(_fetch_cmd(server.url + "/data.bin", dest), env=_cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -224,3 +225,4 @@ def test_two_concurrent_fetches_download_once(server, tmp_path):
     assert server.gets["/data.bin"] == 1
     joined = "".join(o + e for o, e in outs)
     assert "up to date" in joined and "ready: 1 file(s)" in joined
+    assert "another process is working on" in joined  # the second one waited on the lock

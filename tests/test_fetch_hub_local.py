@@ -45,7 +45,8 @@ def fake_hub(monkeypatch, tmp_path):
 
     def repo_info(self, repo_id, repo_type=None, revision=None, token=None, **_):
         calls.append(("repo_info", repo_id, repo_type, revision, token))
-        return SimpleNamespace(sha=COMMIT)
+        return SimpleNamespace(sha=COMMIT, siblings=[SimpleNamespace(rfilename="config.json", size=23),
+                                                     SimpleNamespace(rfilename="sub/tokenizer.json", size=2)])
 
     def snapshot_download(repo_id, repo_type=None, revision=None, local_dir=None, token=None, **_):
         import shutil
@@ -68,9 +69,10 @@ def _hub_error(cls, status: int):
     return e
 
 
-def test_hub_model_downloads_pinned_commit_and_skips_on_restart(fake_hub, tmp_path):
+def test_hub_model_downloads_pinned_commit_and_skips_on_restart(fake_hub, tmp_path, capsys):
     dest = tmp_path / "models" / "llama"
     assert fetch("hf://meta-llama/Meta-Llama-3-8B", dest) is True
+    assert f"at {COMMIT}: 2 files, 25 B" in capsys.readouterr().err
     assert fake_hub[0] == ("repo_info", "meta-llama/Meta-Llama-3-8B", "model", None, None)
     assert fake_hub[1][3] == COMMIT  # the branch was resolved first, the commit downloaded
     assert sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()) == [

@@ -11,6 +11,7 @@ and does not need the hub to be reachable.
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from huggingface_hub import errors as hf_errors
 
 from recipe_runner.errors import UserError
 from recipe_runner.prepare.sources import Source
-from recipe_runner.prepare.transfer import TransientError, with_retries
+from recipe_runner.prepare.transfer import TransientError, check_free_space, human_bytes, with_retries
 
 TOKEN_HELP = ("Set HF_TOKEN in the pod from a Kubernetes Secret (e.g. `kubectl create secret generic hf-token "
               "--from-literal=HF_TOKEN=hf_...`, referenced by the chart), or mount it as a file and set HF_TOKEN_PATH.")
@@ -45,12 +46,18 @@ class HubSource(Source):
     def download(self, target: Path) -> None:
         token = huggingface_hub.get_token()
 
-        def resolve() -> str:
-            info = huggingface_hub.HfApi().repo_info(self.repo_id, repo_type=self.repo_type,
-                                                     revision=self.revision, token=token)
-            return info.sha
+        info = self._hub_call(lambda: huggingface_hub.HfApi().repo_info(
+            self.repo_id, repo_type=self.repo_type, revision=self.revision, token=token, files_metadata=True), token)
+        commit = info.sha
+        siblings = getattr(info, "siblings", None) or []
+        total = sum(getattr(s, "size", None) or 0 for s in siblings) or None
+        check_free_space(target.parent, total)
+        print(f"fetch: {self.uri} at {commit}: {len(siblings) or 'unknown number of'} files, {human_bytes(total)}",
+              file=sys.stderr, flush=True)
+        if not sys.stderr.isatty():  # the hub's tqdm bars redraw with carriage returns: noise in kubectl logs
+            from huggingface_hub.utils import disable_progress_bars
 
-        commit = self._hub_call(resolve, token)
+            disable_progress_bars()
         self._hub_call(lambda: huggingface_hub.snapshot_download(
             self.repo_id, repo_type=self.repo_type, revision=commit, local_dir=target, token=token), token)
         shutil.rmtree(target / ".cache", ignore_errors=True)  # the hub's own bookkeeping for local_dir
