@@ -17,9 +17,11 @@ import torch.nn.functional as F
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x < 0, stable everywhere (Maechler 2012: branch at -ln 2): near 0 it
     is log(-expm1(x)), far below log1p(-exp(x)). Each branch only sees inputs from its own side,
-    so the branch torch.where discards never produces inf/NaN gradients; x is capped at -1e-7
-    (a mean log-prob of exactly 0 would otherwise give -inf)."""
-    x = x.clamp(max=-1e-7)
+    so the branch torch.where discards never produces inf/NaN gradients. x is capped at the
+    smallest normal magnitude of its dtype: a mean log-prob of exactly 0 (fp32 rounds p ~ 1 to 0)
+    would otherwise give -inf, while a cap as large as -1e-7 would be wrong (and have zero
+    gradient) for real confident means such as -1e-9."""
+    x = x.clamp(max=-torch.finfo(x.dtype).tiny)
     cut = -math.log(2)
     near = torch.log(-torch.expm1(torch.clamp(x, min=cut)))
     far = torch.log1p(-torch.exp(torch.clamp(x, max=cut)))
