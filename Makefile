@@ -33,3 +33,50 @@ demo: $(BIN)/.installed
 
 clean:
 	rm -rf runs build dist .pytest_cache
+
+# ---------------------------------------------------------------- delivery: image, chart, manifests
+# make build [REGISTRY=111122223333.dkr.ecr.us-east-1.amazonaws.com] [IMAGE=recipe-runner] [TAG=...]
+IMAGE          ?= recipe-runner
+REGISTRY       ?=
+TAG            ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo dev)
+GIT_COMMIT     ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+BASE_TAG       ?= 2.9.0-neuronx-py312-sdk2.30.0-ubuntu24.04
+BASE_DIGEST    ?=
+IMAGE_REF      := $(if $(REGISTRY),$(REGISTRY)/)$(IMAGE):$(TAG)
+LAST_IMAGE     := .cache/last-image
+TOOLS_BIN      := .tools/bin
+HELM           := $(TOOLS_BIN)/helm
+INSTANCE_TYPE  ?= trn1.32xlarge
+# `make render`: which recipes get the neuron profile and which the cpu (laptop) profile
+NEURON_RECIPES ?= llama3-8b-dpo llama3-8b-orpo llama3.1-8b-dpo llama3.1-8b-orpo
+CPU_RECIPES    ?= tiny-dpo tiny-orpo
+
+.PHONY: build push render lint tools
+
+build:
+	docker build --build-arg GIT_COMMIT=$(GIT_COMMIT) --build-arg BASE_TAG=$(BASE_TAG) \
+		$(if $(BASE_DIGEST),--build-arg BASE_DIGEST=$(BASE_DIGEST)) -t $(IMAGE_REF) .
+	@mkdir -p $(dir $(LAST_IMAGE)) && echo $(IMAGE_REF) > $(LAST_IMAGE)
+	@echo "built $(IMAGE_REF) (recorded in $(LAST_IMAGE) for make render)"
+
+push:
+	@test -n "$(REGISTRY)" || { echo "push: set REGISTRY=<account>.dkr.ecr.<region>.amazonaws.com (or another registry)"; exit 2; }
+	@case "$(REGISTRY)" in *.dkr.ecr.*.amazonaws.com*) \
+		region=$$(echo "$(REGISTRY)" | cut -d. -f4); \
+		echo "ECR login ($$region)"; \
+		aws ecr get-login-password --region $$region | docker login --username AWS --password-stdin $(firstword $(subst /, ,$(REGISTRY)));; \
+	esac
+	docker push $(IMAGE_REF)
+
+tools: $(BIN)/.installed
+	$(BIN)/python scripts/install_tools.py $(TOOLS_BIN)
+
+render: $(BIN)/.installed tools
+	$(BIN)/recipe-runner render $(NEURON_RECIPES:%=recipes/%.yaml) --profile neuron --instance-type $(INSTANCE_TYPE)
+	$(BIN)/recipe-runner render $(CPU_RECIPES:%=recipes/%.yaml) --profile cpu
+
+lint: $(BIN)/.installed tools
+	$(HELM) lint --strict helm
+	$(HELM) lint --strict helm --set recipe=tiny-dpo --set profile=cpu
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/python -m kubernetes_validate --strict -k 1.29.0 k8s/*/manifests.yaml k8s/prerequisites/*.yaml
