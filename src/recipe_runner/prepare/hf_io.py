@@ -89,7 +89,10 @@ class HfSource:
                     for i in idx:
                         name, dim, a, b = requests[i]
                         sl = h.get_slice(name)
-                        out[i] = sl[a:b] if dim == 0 else sl[:, a:b]
+                        t = sl[a:b] if dim == 0 else sl[:, a:b]
+                        # safetensors may hand out views of its (private, file-backed) memory map; a copy
+                        # lets the map, and every page a column slice touched, go when the file closes
+                        out[i] = t.clone() if t.untyped_storage().nbytes() != t.numel() * t.element_size() else t
             else:
                 state = _torch_load(f)
                 for i in idx:
