@@ -30,6 +30,7 @@ demo: $(BIN)/.installed
 	$(BIN)/recipe-runner train recipes/tiny-dpo.yaml exp_manager.explicit_log_dir=$(RUN_DIR)
 	$(BIN)/recipe-runner export $(RUN_DIR) --to hf $(RUN_DIR)/export-hf
 	$(BIN)/recipe-runner report $(RUN_DIR)
+	@echo "metrics: $(RUN_DIR)/metrics.jsonl | TensorBoard: $(RUN_DIR)/tensorboard | checkpoints: $(RUN_DIR)/checkpoints | exported model: $(RUN_DIR)/export-hf | report: $(RUN_DIR)/report/report.md"
 
 clean:
 	rm -rf runs build dist .pytest_cache

@@ -25,6 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def export_hf(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     run_dir, out = Path(run_dir), Path(out)
     found = ckpt.list_checkpoints(run_dir)
