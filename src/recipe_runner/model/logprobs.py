@@ -24,7 +24,8 @@ def _chunk_token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
-                      chunk_size: int = 512, static_shapes: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_size: int = 512, static_shapes: bool = False, segments: torch.Tensor | None = None,
+                      num_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probs of the labelled tokens of each sequence, and how many there are.
 
     hidden: [N, T, H] final hidden states (after the last norm); weight: [V, H] LM head;
@@ -33,6 +34,9 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     static_shapes=False scores only the labelled positions (a gather whose size depends on the
     data: fastest on cpu/cuda, no work spent on prompt and padding); True scores every position in
     fixed-size chunks along T and masks, so an XLA compiler sees the same shapes every step.
+
+    segments ([N, T], packed rows from data/packing.py): the output index each labelled
+    position's log-prob is summed into; the result then has num_segments entries, not N.
     """
     n, t, h = hidden.shape
     hidden, labels = hidden[:, :-1], labels[:, 1:]
@@ -48,12 +52,21 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         parts = [run(hidden[:, s:s + chunk_size].reshape(-1, h), labels[:, s:s + chunk_size].reshape(-1))
                  .view(n, -1) for s in range(0, t - 1, chunk_size)]
         token_logps = torch.cat(parts, dim=1) * mask
+        if segments is not None:
+            seg = segments[:, 1:].reshape(-1)
+            sums = torch.zeros(num_segments, dtype=torch.float32, device=hidden.device)
+            counts = torch.zeros(num_segments, dtype=torch.long, device=hidden.device)
+            return sums.index_add(0, seg, token_logps.reshape(-1)), counts.index_add(0, seg, mask.reshape(-1).long())
         return token_logps.sum(-1), mask.sum(-1)
 
     rows = mask.nonzero(as_tuple=True)
     flat_h, flat_l = hidden[rows], labels[rows]
     token_logps = torch.cat([run(flat_h[s:s + chunk_size], flat_l[s:s + chunk_size])
                              for s in range(0, flat_l.numel(), chunk_size)]) if flat_l.numel() else flat_h.new_zeros(0).float()
+    if segments is not None:
+        seg = segments[:, 1:][rows]
+        sums = torch.zeros(num_segments, dtype=torch.float32, device=hidden.device).index_add(0, seg, token_logps)
+        return sums, torch.bincount(seg, minlength=num_segments)
     sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows[0], token_logps)
     return sums, mask.sum(-1)
 
