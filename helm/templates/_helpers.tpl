@@ -68,6 +68,11 @@ rr.run: the run's derived settings as YAML. Fails with a message that says what 
 {{- fail (printf "override %q: set the numNodes / devices values instead, so the number of pods and torchrun's process count follow it" $o) -}}
 {{- end -}}
 {{- end -}}
+{{- range $k, $_ := $v.extraEnv -}}
+{{- if regexMatch "(?i)(TOKEN|SECRET|PASSWORD|ACCESS_KEY|CREDENTIAL)" $k -}}
+{{- fail (printf "extraEnv.%s looks like a credential: values are stored in the release in plain text. Put it in a Secret and reference it (secrets.hfToken.secretName, secrets.envFrom) or use IRSA (serviceAccount.annotations)" $k) -}}
+{{- end -}}
+{{- end -}}
 {{- if and (not $v.storage.create) (not $v.storage.existingClaim) -}}
 {{- fail "no shared volume: set storage.existingClaim to a ReadWriteMany PVC (see k8s/prerequisites) or storage.create=true (with storage.storageClassName)" -}}
 {{- end -}}
