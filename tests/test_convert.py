@@ -89,6 +89,9 @@ def test_round_trip_is_bit_exact(tmp_path, tp, pp, mult, lin, fuse, xser, fmt, l
         got = {k: tuple(v.shape) for k, v in nxd_io.load_rank_file(f).items()}
         assert got == expected[key]
     nxd_to_hf(input=tmp_path / "nxd", output=tmp_path / "back", max_shard_size="30KB", **QUIET)  # several shards
+    if fmt in ("safetensors", "sharded"):  # save_pretrained wrote one; found through the NxD manifest's hf_input
+        assert (tmp_path / "back" / "generation_config.json").is_file()
+    assert len(list((tmp_path / "back").glob("*.safetensors"))) > 1 and (tmp_path / "back" / "model.safetensors.index.json").is_file()
     back = read_hf_dir(tmp_path / "back")
     assert set(back) == set(original)
     for k in original:
@@ -115,7 +118,8 @@ def test_from_pretrained_gives_identical_logits_and_copies_tokenizer(tmp_path):
     hf_to_nxd(input=tmp_path / "hf", output=tmp_path / "nxd", tp_size=4, pp_size=2, kv_size_multiplier=2, fuse_qkv=True, **QUIET)
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
-    nxd_to_hf(input=tmp_path / "nxd", output=tmp_path / "back", tokenizer_dir=tmp_path / "tok", **QUIET)
+    nxd_to_hf(input=tmp_path / "nxd", output=tmp_path / "back", tokenizer_dir=tmp_path / "tok", max_shard_size="40KB", **QUIET)
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file()  # from_pretrained reads our index
     assert (tmp_path / "back" / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'
     a = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
     b = LlamaForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -317,3 +321,28 @@ def test_xser_files_match_torch_xla_names(tmp_path):
     assert torch.equal(nxd_io.load_rank_file(ours)["a.weight"], state["a.weight"])
     theirs = nxd_io.load_rank_file(tmp_path / "theirs.pt")
     assert torch.equal(theirs["x"], torch.ones(2, 2)) and torch.equal(theirs["y"], torch.zeros(3))
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "llama3-8b-dpo.yaml"
+
+
+def test_recipe_form_reads_parallel_settings_from_the_recipe(tmp_path, capsys):
+    save_hf(tiny_config(), tmp_path / "hf")
+    out = tmp_path / "ckpt"
+    overrides = [f"runner.convert_checkpoint.input={tmp_path / 'hf'}", f"exp_manager.resume_from_checkpoint={out}",
+                 f"model.model_config={tmp_path / 'hf' / 'config.json'}", "trainer.devices=4",
+                 "distributed_strategy.tensor_model_parallel_size=4", "distributed_strategy.kv_replicator=2",
+                 "model.fuse_qkv=true", "exp_manager.load_xser=false"]
+    assert main(["convert-checkpoint", str(RECIPE), *overrides]) == 0
+    files = nxd_io.find_rank_files(out)
+    assert set(files) == {(t, 0) for t in range(4)} and not any(Path(str(f) + ".tensors").exists() for f in files.values())
+    r0 = nxd_io.load_rank_file(files[(0, 0)])
+    assert r0["model.layers.0.self_attn.qkv_proj.weight_qkv"].shape == (64 // 4 + 2 * 2 * 8 * 2 // 4, 64)
+    capsys.readouterr()
+    assert main(["convert-checkpoint", str(RECIPE), *overrides]) == 0
+    assert "up to date" in capsys.readouterr().out
+    # an explicit flag wins over the recipe
+    assert main(["convert-checkpoint", str(RECIPE), *overrides, "--no-fuse-qkv"]) == 0
+    assert "model.layers.0.self_attn.qkv_proj.weight_q" in nxd_io.load_rank_file(files[(0, 0)])
+    assert main(["convert-checkpoint", str(RECIPE), *overrides, "runner.convert_checkpoint=null"]) == 0
+    assert "nothing to convert" in capsys.readouterr().out

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 
 from recipe_runner.errors import UserError
-from recipe_runner.prepare.nxd_convert import hf_to_nxd, load_nxd_as_hf_state_dict, nxd_to_hf  # noqa: F401 (public API)
-from recipe_runner.prepare.nxd_layout import nxd_param_shapes  # noqa: F401 (public API)
+from recipe_runner.prepare.nxd_convert import hf_to_nxd, load_nxd_as_hf_state_dict, nxd_to_hf
+from recipe_runner.prepare.nxd_layout import nxd_param_shapes
+
+__all__ = ["add_arguments", "run", "hf_to_nxd", "nxd_to_hf", "load_nxd_as_hf_state_dict", "nxd_param_shapes"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ import torch
 from recipe_runner.errors import UserError
 from recipe_runner.prepare import hf_io, nxd_io
 from recipe_runner.prepare.nxd_layout import (LlamaDims, NxdTensor, Parallel, check_geometry, hf_param_shapes, llama_dims,
-                                              nxd_tensor_shape, pp_layer_ranges, rank_layout)
+                                              nxd_tensor_shape, rank_layout)
 from recipe_runner.prepare.staged_dir import input_identity, read_manifest, staged_output
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -74,6 +74,7 @@ def hf_to_nxd(*, input: str | Path, output: str | Path, hf_config=None, tp_size:
             log(f"{output} is up to date (same input and settings); nothing to do")
             return output
         staging.extra["hf_config"] = cfg
+        staging.extra["hf_input"] = str((input if input.is_dir() else input.parent).resolve())  # tokenizer files for the way back
         model_dir = staging.path / "model"
         model_dir.mkdir()
         for pp in range(pp_size):
@@ -218,7 +219,8 @@ def nxd_to_hf(*, input: str | Path, output: str | Path, hf_config=None, tp_size:
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    tok_dirs = [Path(tokenizer_dir)] if tokenizer_dir else [input, input.parent]
+    hf_input = (read_manifest(input) or {}).get("hf_input")
+    tok_dirs = [Path(tokenizer_dir)] if tokenizer_dir else [input, input.parent, *([Path(hf_input)] if hf_input else [])]
     weight_files = [f for rf in files.values() for f in (rf, *Path(str(rf) + ".tensors").glob("*.pt"))]
     settings = {"direction": "nxd->hf", **vars(p), "dtype": dtype, "max_shard_bytes": max_bytes,
                 "tokenizer_dir": str(tokenizer_dir) if tokenizer_dir else None}

@@ -4,7 +4,9 @@ A conversion writes into a hidden sibling `.<name>.partial-<pid>`, puts a manife
 (settings, input identity, every file with its size), then renames it to `<name>`. A killed run
 leaves only the hidden sibling, which the next run removes; a re-run whose manifest matches (same
 settings, same input files by size and mtime, all output files present with their sizes) does
-nothing. A file lock beside the output serialises runs that share a filesystem (several pods).
+nothing; one with other settings or input replaces an output this command wrote (a directory
+it did not write needs --overwrite). A file lock beside the output serialises runs that share a
+filesystem (several pods).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def is_up_to_date(out: Path, settings: dict, identity: list[dict]) -> bool:
 
 
 class Staging:
-    """What a conversion writes into; `files` lists what it produced (relative paths go to the manifest)."""
+    """The directory a conversion writes into; `extra` adds keys to the manifest (e.g. the HF config)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -91,10 +93,14 @@ def staged_output(out: str | Path, settings: dict, identity: list[dict], overwri
 
 
 def _swap_in(staging: Path, out: Path) -> None:
-    if out.exists():
-        trash = out.parent / f".{out.name}.partial-old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(staging, out)
+    try:
+        if out.exists():
+            trash = out.parent / f".{out.name}.partial-old-{os.getpid()}"
+            os.rename(out, trash)
+            os.rename(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(staging, out)
+    except OSError as e:
+        raise UserError(f"cannot put the converted checkpoint at {out}: {e}. If {out} is a mount point, "
+                        "write to a directory inside it") from e
