@@ -208,3 +208,11 @@ def test_damaged_cache_file_is_rebuilt(tmp_path, tok):
         f.write(b"not a zip")
     again, _ = load_tokenized(path, tok, **SETTINGS, cache_dir=cache)
     assert again == fresh
+
+
+def test_fast_encoding_path_equals_the_tokenizer_call(tok):
+    from recipe_runner.data.tokenize import encode_texts
+
+    texts = [json.loads(line)[k] for line in open(TINY_TRAIN, encoding="utf-8") for k in ("prompt", "chosen")][:200]
+    texts += ["<|begin_of_text|>hi<|end_of_text|>", " leading space", "tabs\tand\nnewlines  "]
+    assert encode_texts(tok, texts) == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]

@@ -116,7 +116,9 @@ def cached(
     with FileLock(file + ".lock"):
         if os.path.exists(file):
             try:
-                return load(file)
+                examples, report = load(file)
+                report.path = path  # same content may have been cached from another location
+                return examples, report
             except (OSError, ValueError, KeyError):
                 pass  # a damaged cache file is rebuilt, never trusted
         examples, report = build()

@@ -140,11 +140,16 @@ def _table_records(path: str) -> Iterator[tuple[int, object | None, str | None]]
     import datasets
 
     builder = "parquet" if path.lower().endswith(".parquet") else "arrow"
+    bars = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # a "Generating train split" bar per file only clutters the run log
     with tempfile.TemporaryDirectory(prefix="recipe-runner-ds-") as cache:
         try:
             ds = datasets.load_dataset(builder, data_files=path, split="train", cache_dir=cache, keep_in_memory=True)
         except Exception as e:  # pyarrow raises many types for a corrupt file
             raise UserError(f"{path}: cannot read as {builder}: {e}") from None
+        finally:
+            if bars:
+                datasets.enable_progress_bars()
         columns = [c for c in FIELDS if c in ds.column_names]
         ds = ds.select_columns(columns) if columns else ds
         for index, row in enumerate(ds):

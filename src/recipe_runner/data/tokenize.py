@@ -49,7 +49,20 @@ def encode_texts(tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of each text without special tokens (batched: fast tokenizers run in parallel)."""
     if not texts:
         return []
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None:
+        return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+    # Straight to the Rust tokenizer: half the time of tokenizer(...) on 10^5 rows, which spends
+    # it building Python BatchEncodings. Set what tokenizer(...) would: no truncation/padding,
+    # special tokens in the text recognised unless the tokenizer says split_special_tokens.
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    if hasattr(backend, "encode_special_tokens"):
+        backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(list(texts), add_special_tokens=False)]
 
 
 def split_joint(prompt_ids: Sequence[int], joint_ids: Sequence[int]) -> tuple[list[int], list[int]]:
