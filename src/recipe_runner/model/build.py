@@ -78,7 +78,8 @@ def build_model(recipe, *, trust_remote_code: bool = False) -> torch.nn.Module:
             from recipe_runner.prepare.convert import load_nxd_as_hf_state_dict
 
             ds = recipe.distributed_strategy
-            state = load_nxd_as_hf_state_dict(start, config)
+            state = load_nxd_as_hf_state_dict(start, config, kv_size_multiplier=ds.kv_replicator,
+                                              qkv_linear=recipe.model.qkv_linear, fuse_qkv=recipe.model.fuse_qkv)
             missing, unexpected = model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
             if missing or unexpected:
