@@ -2,7 +2,8 @@
 
 provenance.json in every run directory holds enough to trace and re-run a result: the resolved
 recipe and its hash, package versions, the recipe repository's git commit (baked into the image
-as RECIPE_RUNNER_GIT_COMMIT, else read from git), the fetch manifests of the recipe's sources,
+as RECIPE_RUNNER_GIT_COMMIT, else read from git), the manifests fetch, prepare-data and
+convert-checkpoint wrote for the recipe's inputs,
 seed, device and world size. The resolved recipe itself is saved as recipe.yaml, and the model
 config and tokenizer as hf/ so that `export` needs nothing but the run directory.
 """
@@ -81,6 +82,19 @@ def source_manifests(recipe) -> dict[str, dict]:
     return found
 
 
+def input_manifests(recipe) -> dict[str, dict]:
+    """Manifests of what the training reads: prepare-data's (beside the data files) and
+    convert-checkpoint's (inside the starting checkpoint)."""
+    found = {}
+    for key, path in (("train_data", recipe.data.train_dir), ("val_data", recipe.data.val_dir)):
+        if path and Path(path + ".manifest.json").is_file():
+            found[key] = json.loads(Path(path + ".manifest.json").read_text())
+    start = recipe.exp_manager.resume_from_checkpoint
+    if start and (Path(start) / ".convert-manifest.json").is_file():
+        found["starting_checkpoint"] = json.loads((Path(start) / ".convert-manifest.json").read_text())
+    return found
+
+
 def write_provenance(run_dir: Path, recipe, d: Dist, *, device: str, tokenizer, model_config,
                      start_fingerprint: str, enabled: bool) -> None:
     if not enabled:
@@ -107,6 +121,7 @@ def write_provenance(run_dir: Path, recipe, d: Dist, *, device: str, tokenizer, 
         "train_data": recipe.data.train_dir,
         "val_data": recipe.data.val_dir,
         "source_manifests": source_manifests(recipe),
+        "input_manifests": input_manifests(recipe),
     }
     history = run_dir / "provenance.json"
     previous = json.loads(history.read_text()) if history.exists() else {}
