@@ -151,10 +151,15 @@ class Trainer:
                 static_shapes=self.static)
 
     # ------------------------------------------------------------------ one micro-batch
+    def device_batch(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids, attention_mask, labels of a micro-batch on the device (a seam: the xla
+        backend hands out batches its parallel loader already moved)."""
+        batch = collate_pairs(examples, pad_id=self.pad_id, pad_to=self.pad_to)
+        return tuple(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+
     def pair_metrics(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
         """Per-pair losses and metrics for a micro-batch (the graph is kept for backward)."""
-        batch = collate_pairs(examples, pad_id=self.pad_id, pad_to=self.pad_to)
-        ids, mask, labels = (batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
+        ids, mask, labels = self.device_batch(examples)
         b = len(examples)
         with self.autocast():
             hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state

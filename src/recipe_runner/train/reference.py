@@ -51,6 +51,8 @@ def precompute(model, examples: list[dict], *, batch_size: int, device, pad_id: 
     log(f"reference log-probs: scoring {len(examples)} pairs with the starting model")
     for s in range(0, len(mine), batch_size):
         chunk = mine[s:s + batch_size]
+        if static_shapes:  # one shape for XLA: repeat the last pair (same id, same value written twice)
+            chunk = chunk + chunk[-1:] * (batch_size - len(chunk))
         out = pair_logprobs(model, chunk, device=device, pad_id=pad_id, pad_to=pad_to, autocast=autocast,
                             static_shapes=static_shapes)
         ids = torch.tensor([e["id"] for e in chunk])
