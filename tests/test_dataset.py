@@ -216,3 +216,15 @@ def test_fast_encoding_path_equals_the_tokenizer_call(tok):
     texts = [json.loads(line)[k] for line in open(TINY_TRAIN, encoding="utf-8") for k in ("prompt", "chosen")][:200]
     texts += ["<|begin_of_text|>hi<|end_of_text|>", " leading space", "tabs\tand\nnewlines  "]
     assert encode_texts(tok, texts) == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def test_tokenizer_fingerprint_ignores_call_time_truncation_state():
+    from recipe_runner.data.cache import tokenizer_fingerprint
+
+    tok = load_tokenizer(TINY_TOKENIZER)
+    before = tokenizer_fingerprint(tok)
+    tok.backend_tokenizer.enable_truncation(8)
+    tok.backend_tokenizer.enable_padding(length=8)
+    assert tokenizer_fingerprint(tok) == before
+    tok.add_tokens(["zebra"])
+    assert tokenizer_fingerprint(tok) != before
