@@ -116,7 +116,7 @@ def group_pairs(examples: list[dict], *, max_rows: int, width: int, share_prefix
     return groups
 
 
-def pack_pairs(examples: list[dict], *, pad_id: int, width: int, share_prefix: bool,
+def pack_pairs(examples: list[dict], *, pad_id: int, width: int, share_prefix: bool, pack: bool = True,
                num_rows: int | None = None, trim: bool = True) -> dict[str, torch.Tensor]:
     """Packed rows for a micro-batch of pairs.
 
@@ -124,12 +124,13 @@ def pack_pairs(examples: list[dict], *, pad_id: int, width: int, share_prefix: b
     chosen sequence's prompt and answer tokens, for ORPO's sequence-scope NLL), segments (output
     index of each position), doc (unit per position, -1 on padding), branch ([R, W] each),
     attention_mask ([R, W], 1 on real tokens) and the pair count. num_rows pads (or checks) the
-    row count, trim=False keeps the full width: both give compilers one shape.
+    row count, trim=False keeps the full width: both give compilers one shape. pack=False puts
+    each unit in its own row (prefix sharing without packing).
     """
     if not examples:
         raise ValueError("pack_pairs needs at least one example")
     units = _units(examples, width, share_prefix)
-    bins = first_fit([_unit_len(u) for u in units], width)
+    bins = first_fit([_unit_len(u) for u in units], width) if pack else [[k] for k in range(len(units))]
     rows = len(bins)
     if num_rows is not None:
         if rows > num_rows:

@@ -19,10 +19,12 @@ import torch
 
 from recipe_runner.data.batches import collate_pairs
 from recipe_runner.data.cache import cache_key
+from recipe_runner.data.packing import group_pairs, pack_pairs
 from recipe_runner.data.dataset import load_tokenized, load_tokenizer
 from recipe_runner.data.tokenize import pad_token_id
 from recipe_runner.errors import UserError
 from recipe_runner.model.build import build_model, fingerprint
+from recipe_runner.model.attention import packed_pair_logprobs
 from recipe_runner.model.logprobs import sequence_logprobs
 from recipe_runner.model.losses import dpo_loss, orpo_loss
 from recipe_runner.recipe.checks import not_used_on
@@ -74,6 +76,9 @@ class Trainer:
         self.local_batch = self.gbs // self.dist.world
         self.pad_to = d.seq_length if recipe.runner.data.padding == "static" else None
         self.static = device_name == "xla"
+        # several pairs per seq_length row / each prompt once (data/packing.py); same numbers
+        self.packing = bool(getattr(recipe.runner.data, "packing", False))
+        self.sharing = bool(getattr(recipe.runner.data, "prefix_sharing", False))
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -159,16 +164,28 @@ class Trainer:
 
     def pair_metrics(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
         """Per-pair losses and metrics for a micro-batch (the graph is kept for backward)."""
-        ids, mask, labels = self.device_batch(examples)
         b = len(examples)
-        with self.autocast():
-            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            weight = self.model.get_output_embeddings().weight
-            sums, counts = sequence_logprobs(hidden, weight, labels, static_shapes=self.static)
-        pc, pr, lc, lr = sums[:b], sums[b:], counts[:b].float(), counts[b:].float()
         al = self.r.alignment
+        if self.packing or self.sharing:
+            packed = self._pack(examples)
+            mask = packed["attention_mask"]
+            with self.autocast():
+                lp = packed_pair_logprobs(self.model, packed, device=self.device, static_shapes=self.static,
+                                          full_chosen=self.r.algorithm == "orpo" and al.nll_scope == "sequence")
+            sums, counts = lp["sums"], lp["counts"]
+        else:
+            ids, mask, labels = self.device_batch(examples)
+            with self.autocast():
+                hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+                weight = self.model.get_output_embeddings().weight
+                sums, counts = sequence_logprobs(hidden, weight, labels, static_shapes=self.static)
+        pc, pr, lc, lr = sums[:b], sums[b:], counts[:b].float(), counts[b:].float()
         if self.r.algorithm == "dpo":
-            if self.ref_model is not None:
+            if self.ref_model is not None and (self.packing or self.sharing):
+                with torch.no_grad(), self.autocast():
+                    ref = packed_pair_logprobs(self.ref_model, packed, device=self.device, static_shapes=self.static)
+                rc, rr = ref["sums"][:b], ref["sums"][b:]
+            elif self.ref_model is not None:
                 with torch.no_grad(), self.autocast():
                     out = reference.pair_logprobs(self.ref_model, examples, device=self.device, pad_id=self.pad_id,
                                                   pad_to=self.pad_to, autocast=self.autocast, static_shapes=self.static)
@@ -179,7 +196,9 @@ class Trainer:
                            label_smoothing=al.label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
         else:
             mc, mr = pc / lc, pr / lr
-            if al.nll_scope == "sequence":  # TRL/paper: prompt and response tokens of the chosen sequence
+            if al.nll_scope == "sequence" and (self.packing or self.sharing):
+                nll = -lp["full_sums"] / lp["full_counts"].float()
+            elif al.nll_scope == "sequence":  # TRL/paper: prompt and response tokens of the chosen sequence
                 full = torch.where(mask[:b].bool(), ids[:b], torch.full_like(ids[:b], -100))
                 with self.autocast():
                     fs, fc = sequence_logprobs(hidden[:b], weight, full, static_shapes=self.static)
@@ -192,6 +211,19 @@ class Trainer:
         out["chosen_logps"], out["rejected_logps"] = pc.detach(), pr.detach()
         out["tokens"] = mask.sum().float().expand(1)
         return out
+
+    def _pack(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Packed rows of a forward's pairs: seq_length wide; XLA gets the full 2 x micro_batch_size rows."""
+        rows = 2 * self.mbs if self.static else None
+        return pack_pairs(examples, pad_id=self.pad_id, width=self.r.data.seq_length, share_prefix=self.sharing,
+                          pack=self.packing, num_rows=rows, trim=not self.static)
+
+    def micro_batches(self, examples: list[dict]) -> list[list[dict]]:
+        """The pairs of each forward: micro_batch_size of them, or with packing as many as fill
+        2 x micro_batch_size rows of seq_length (the unpacked micro-batch's memory)."""
+        if not self.packing:
+            return [examples[s:s + self.mbs] for s in range(0, len(examples), self.mbs)]
+        return group_pairs(examples, max_rows=2 * self.mbs, width=self.r.data.seq_length, share_prefix=self.sharing)
 
     def _summed(self, parts: list[dict], n_pairs: int) -> dict[str, float]:
         """Average per-pair metrics over the pairs of all ranks (the whole global batch)."""
@@ -216,8 +248,8 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         examples = self.global_batch(step)
         parts = []
-        for s in range(0, len(examples), self.mbs):
-            out = self.pair_metrics(examples[s:s + self.mbs], "train")
+        for chunk in self.micro_batches(examples):
+            out = self.pair_metrics(chunk, "train")
             (out["loss"].sum() / self.gbs).backward()
             parts.append(out)
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -242,7 +274,7 @@ class Trainer:
         elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
             examples = examples[: limit * self.mbs * self.dist.world]
         mine = examples[self.dist.rank::self.dist.world]
-        parts = [self.pair_metrics(mine[s:s + self.mbs], "val") for s in range(0, len(mine), self.mbs)]
+        parts = [self.pair_metrics(chunk, "val") for chunk in self.micro_batches(mine)]
         self.model.train()
         vals = self._summed(parts, max(1, len(examples)))
         vals.pop("tokens", None)
