@@ -80,4 +80,7 @@ lint: $(BIN)/.installed tools
 	$(HELM) lint --strict helm
 	$(HELM) lint --strict helm --set recipe=tiny-dpo --set profile=cpu
 	$(BIN)/hadolint Dockerfile
-	$(BIN)/python -m kubernetes_validate --strict -k 1.29.0 k8s/*/manifests.yaml k8s/prerequisites/*.yaml
+	$(BIN)/python -m kubernetes_validate --strict --quiet -k 1.29.0 k8s/*/manifests.yaml k8s/prerequisites/*.yaml
+	$(BIN)/python -m kubernetes_validate --strict --quiet k8s/*/manifests.yaml k8s/prerequisites/*.yaml
+	$(BIN)/recipe-runner render $(NEURON_RECIPES:%=recipes/%.yaml) --profile neuron --instance-type $(INSTANCE_TYPE) --check > /dev/null
+	$(BIN)/recipe-runner render $(CPU_RECIPES:%=recipes/%.yaml) --profile cpu --check > /dev/null

@@ -33,7 +33,8 @@ def test_lint_strict():
 
 def test_recipes_in_chart_match_recipes_dir():
     # the chart holds a copy of every recipe in recipes/ (render keeps it fresh, test_render checks)
-    assert RECIPES == sorted(p.stem for p in (CHART.parent / "recipes").glob("*.yaml"))
+    in_repo = sorted(p.stem for p in (CHART.parent / "recipes").glob("*.yaml"))
+    assert RECIPES == in_repo, "helm/recipes/ differs from recipes/: run `make render` and commit helm/ and k8s/"
 
 
 @pytest.mark.parametrize("nodes", [1, 2])

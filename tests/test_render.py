@@ -52,6 +52,19 @@ def test_committed_rendered_files_are_fresh(monkeypatch, capsys):
         assert rc == 0, f"{values_file.parent}: stale rendered files; run `make render`:\n{err}"
 
 
+def test_prerequisites_are_valid_kubernetes():
+    import kubernetes_validate
+
+    files = sorted((ROOT / "k8s/prerequisites").glob("*.yaml"))
+    kinds = set()
+    for f in files:
+        for obj in kubernetes_validate.utils.resources_from_file(str(f)):
+            kinds.add(obj["kind"])
+            for version in k8s_versions():
+                validate(obj, version)
+    assert kinds == {"Namespace", "StorageClass", "PersistentVolumeClaim", "Job"}
+
+
 def test_render_cpu_recipe(workdir, capsys):
     assert main(["render", "recipes/tiny-dpo.yaml", "--profile", "cpu", "--image", "reg.example/rr:abc123"]) == 0
     chart_copy = yaml.safe_load((workdir / "helm/recipes/tiny-dpo.yaml").read_text())
