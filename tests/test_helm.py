@@ -295,6 +295,26 @@ def test_notes_say_how_to_follow_and_where_results_land():
     assert "not\nverified" in trn2 or "not verified" in trn2
 
 
+def test_schema_closes_every_object():
+    # additionalProperties everywhere, so a typo anywhere in --set or a values file is an error;
+    # only the Kubernetes affinity terms pass through (explicitly `true`)
+    import json
+
+    def walk(node, path):
+        if isinstance(node, dict):
+            if node.get("type") == "object" or "properties" in node:
+                assert "additionalProperties" in node, f"{path}: object without additionalProperties"
+            for key, child in node.items():
+                walk(child, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, child in enumerate(node):
+                walk(child, f"{path}/{i}")
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    walk(schema, "")
+
+
 @pytest.mark.parametrize("values, message", [
     ({"profle": "cpu"}, "additional properties 'profle' not allowed"),
     ({"storage.existingClam": "x"}, "additional properties 'existingClam' not allowed"),
