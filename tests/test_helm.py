@@ -291,6 +291,9 @@ def test_notes_say_how_to_follow_and_where_results_land():
     assert "/shared/runs/llama3-8b-dpo" in notes and "fsx-claim" in notes
     assert "kubectl port-forward -n ml svc/dpo-llama3-tensorboard 6006" in notes
     assert "WARNING" not in notes
+    assert "Note: image recipe-runner:0.1.0 has no registry" in notes
+    pushed = helm("install", "x", str(CHART), "--dry-run=client", "--set", "image.repository=reg.example/rr").stdout
+    assert "has no registry" not in pushed
     trn2 = helm("install", "x", str(CHART), "--dry-run=client", "--set", "instanceType=trn2.48xlarge").stdout
     assert "not\nverified" in trn2 or "not verified" in trn2
 
