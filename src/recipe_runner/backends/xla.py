@@ -1,0 +1,292 @@
+"""The xla backend: the same Trainer on a torch-xla (PJRT) device -- NeuronCores in the Neuron
+DLC, the CPU here (PJRT_DEVICE=CPU) -- changing only what XLA needs:
+
+- Static shapes. Every sequence is padded to data.seq_length (the recipe check rejects dynamic
+  padding on xla), every micro-batch has micro_batch_size pairs: the validation tail and the
+  reference precompute tail are filled with repeats of a real pair that count zero. A new shape
+  would be a new graph, i.e. a new compilation (minutes per graph for an 8B model on Neuron).
+- Graph boundaries (torch_xla.sync): one after each micro-batch's forward+backward (the
+  gradients accumulate in device buffers between graphs, so the graph does not grow with
+  gradient accumulation) and one after the optimizer step (gradient all-reduce over data
+  parallel replicas, clipping, AdamW, zeroing). Gradients are zeroed, not freed, so every
+  micro-step after the first has the identical graph. Precompute and validation are forward-only
+  graphs of the same batch shape.
+- No host synchronisation inside a step: the per-pair metrics are summed into one device vector;
+  it is read on the host only at log boundaries, in a step closure (xm.add_step_closure) that runs
+  right after the step's graph was dispatched. The learning rate is a host float (torch-xla
+  passes non-0/1 Python scalars as graph inputs, so a changing lr does not recompile).
+- Batches come through torch-xla's parallel loader (MpDeviceLoader), which uploads the next
+  micro-batches in a background thread while the current graph runs.
+- bf16: `precision.type` mixed_precision/autocast run the matmuls under torch.autocast("xla",
+  bfloat16) over fp32 weights, gradients and optimizer state (what NxDT gets from
+  XLA_DOWNCAST_BF16 plus fp32 master weights; those flags are deprecated in torch-xla 2.9);
+  fp32 runs in fp32 (and asks neuronx-cc for --auto-cast none); bf16SR casts the weights to bf16
+  with Neuron's stochastic rounding on.
+- Data parallelism: one process per device under torchrun (world = devices x num_nodes /
+  (tp x pp)); gradients are averaged by xm.reduce_gradients over the PJRT replicas; host-side
+  coordination (tokenizer cache, reference table, barriers) stays on the gloo group the core sets
+  up. Tensor parallelism (tp x pp > 1) goes through backends/nxd (neuronx-distributed).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recipe_runner.backends.neuron_env import apply_neuron_env
+from recipe_runner.data.batches import collate_pairs
+from recipe_runner.errors import UserError
+from recipe_runner.train.loop import METRIC_KEYS, ORPO_KEYS, Trainer
+from recipe_runner.train.metrics import say
+
+
+def _xla():
+    """Import torch-xla lazily: apply_neuron_env must run before it initialises."""
+    import torch_xla
+    import torch_xla.core.xla_model as xm
+    import torch_xla.distributed.parallel_loader as pl
+    import torch_xla.runtime as xr
+
+    return torch_xla, xm, pl, xr
+
+
+def xla_autocast(precision: str):
+    if precision in ("mixed_precision", "mixed_precisionSR", "autocast"):
+        return lambda: torch.autocast("xla", dtype=torch.bfloat16)
+    import contextlib
+
+    return contextlib.nullcontext
+
+
+def _checkpoint(fn, *args, use_reentrant: bool = False, **kwargs):
+    """Activation checkpointing that works on both devices: torch's non-reentrant checkpoint
+    looks up a `torch.xla` device module that torch-xla 2.9 does not register, so XLA tensors go
+    through torch_xla's reentrant checkpoint (whose optimization barrier also stops the compiler
+    from merging the recomputation back into the forward)."""
+    if any(isinstance(a, torch.Tensor) and a.device.type == "xla" for a in args):
+        from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
+
+        kwargs.pop("preserve_rng_state", None)  # nothing random in what we checkpoint (no dropout)
+        return xla_checkpoint(fn, *args, use_reentrant=True, preserve_rng_state=False, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=use_reentrant, **kwargs)
+
+
+def install_xla_checkpointing(model: torch.nn.Module | None = None) -> None:
+    """Route the engine's checkpointing (chunked log-probs, HF gradient checkpointing) through
+    _checkpoint. Harmless for CPU tensors, which still take torch's path."""
+    from recipe_runner.backends.nxd import vocab_parallel
+    from recipe_runner.model import logprobs
+
+    logprobs.checkpoint = _checkpoint
+    vocab_parallel.checkpoint = _checkpoint
+    for m in (model.modules() if model is not None else ()):
+        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+            m._gradient_checkpointing_func = _checkpoint
+
+
+def use_eager_attention(model: torch.nn.Module) -> None:
+    """transformers' sdpa path reads the attention mask on the host to decide whether it may skip
+    it (a sync, and a different graph for a batch without padding); its eager path always builds
+    the mask. Numerically the same attention."""
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation("eager")
+    else:  # transformers 4.x in the Neuron DLC
+        model.config._attn_implementation = "eager"
+
+
+class _Feed:
+    """A finite iterable of collated CPU micro-batches for MpDeviceLoader."""
+
+    def __init__(self, chunks: list[list[dict]], pad_id: int, pad_to: int):
+        self.chunks, self.pad_id, self.pad_to = chunks, pad_id, pad_to
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __iter__(self):
+        for c in self.chunks:
+            b = collate_pairs(c, pad_id=self.pad_id, pad_to=self.pad_to)
+            yield {k: b[k] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def pad_to_multiple(examples: list[dict], size: int, count: int | None = None) -> tuple[list[dict], list[float]]:
+    """Examples padded with repeats of the last one to `count` (default: the next multiple of
+    size), and weights 1 for real pairs, 0 for the repeats."""
+    n = len(examples)
+    count = count if count is not None else -(-n // size) * size
+    if n == 0:
+        return [], []
+    return examples + examples[-1:] * (count - n), [1.0] * n + [0.0] * (count - n)
+
+
+class XlaTrainer(Trainer):
+    def __init__(self, recipe):
+        torch_xla, xm, pl, xr = _xla()
+        self._tx, self._xm, self._pl, self._xr = torch_xla, xm, pl, xr
+        super().__init__(recipe, "xla")
+        if recipe.model_parallel_size > 1:
+            raise UserError("tensor/pipeline parallel sizes > 1 need the neuronx-distributed backend; "
+                            "run in the Neuron DLC (backends/nxd) or set distributed_strategy.tensor_model_parallel_size=1")
+        self.device = torch_xla.device()
+        self.autocast = xla_autocast(recipe.precision.type)
+        self._loader = None
+        self.keys = METRIC_KEYS + (ORPO_KEYS if recipe.algorithm == "orpo" else ())
+
+    # ------------------------------------------------------------------ data feed
+    def _open_feed(self, chunks: list[list[dict]]):
+        self._loader = iter(self._pl.MpDeviceLoader(_Feed(chunks, self.pad_id, self.pad_to), self.device))
+
+    def device_batch(self, examples):
+        if self._loader is None:
+            return super().device_batch(examples)
+        b = next(self._loader)
+        return b["input_ids"], b["attention_mask"], b["labels"]
+
+    def _setup_reference(self, tok: dict) -> None:
+        # runs right after the model is built, before any forward: make attention XLA-friendly first
+        use_eager_attention(self.model)
+        super()._setup_reference(tok)
+
+    def setup(self) -> None:
+        install_xla_checkpointing()
+        super().setup()
+        install_xla_checkpointing(self.model)
+        if self.r.precision.type == "bf16SR":
+            self.model.to(torch.bfloat16)
+
+    # ------------------------------------------------------------------ metrics on device
+    def _metric_vector(self, out: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
+        src = {"reduced_train_loss": "loss"}
+        rows = [out[src.get(k, k)].detach().float() for k in self.keys]
+        per_pair = torch.stack(rows)  # [keys, pairs]
+        if weight is not None:
+            per_pair = per_pair * weight
+        return torch.cat([per_pair.sum(-1), out["tokens"].reshape(1).float()])
+
+    def _to_host(self, vec: torch.Tensor, n_pairs: int, into: dict) -> None:
+        v = vec.cpu().double()
+        into.update({k: v[i].item() / n_pairs for i, k in enumerate(self.keys)})
+        into["tokens"] = v[-1].item()
+
+    def _log_due(self, step: int) -> bool:
+        return (step + 1) % self.r.trainer.log_every_n_steps == 0 or step + 1 == self.max_steps
+
+    # ------------------------------------------------------------------ one optimizer step
+    def train_step(self, step: int) -> dict[str, float]:
+        tx, xm, xr = self._tx, self._xm, self._xr
+        examples = self.global_batch(step)
+        chunks = [examples[s:s + self.mbs] for s in range(0, len(examples), self.mbs)]
+        self._open_feed(chunks)
+        acc = None
+        for chunk in chunks:
+            out = self.pair_metrics(chunk, "train")
+            # xm.reduce_gradients averages over replicas: scale by this rank's share
+            (out["loss"].sum() / self.local_batch).backward()
+            vec = self._metric_vector(out)
+            acc = vec if acc is None else acc + vec
+            tx.sync()  # graph: one micro-batch forward + backward
+        self._loader = None
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if xr.world_size() > 1:
+            xm.reduce_gradients(self.optimizer)
+            acc = xm.all_reduce(xm.REDUCE_SUM, acc)
+        clip = self.r.trainer.gradient_clip_val
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=False)
+        vals: dict[str, float] = {"lr": lr}
+        if self._log_due(step):
+            def fetch(a, g):
+                self._to_host(a, self.gbs, vals)
+                vals["gradient_norm"] = g.cpu().item()
+            xm.add_step_closure(fetch, (acc, grad_norm.detach()))
+        tx.sync()  # graph: gradient reduce + clip + optimizer step
+        return vals
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        tx, xm, xr = self._tx, self._xm, self._xr
+        self.model.eval()
+        examples = self.val_ex
+        limit = self.r.trainer.limit_val_batches
+        if isinstance(limit, float) and limit < 1.0:
+            examples = examples[: max(1, int(len(examples) * limit))]
+        elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+            examples = examples[: limit * self.mbs * self.dist.world]
+        w = self.dist.world
+        per_rank = -(-len(examples) // w)
+        mine, weights = pad_to_multiple(examples[self.dist.rank::w], self.mbs, -(-per_rank // self.mbs) * self.mbs)
+        chunks = [mine[s:s + self.mbs] for s in range(0, len(mine), self.mbs)]
+        self._open_feed(chunks)
+        acc = torch.zeros(len(self.keys) + 1, device=self.device)
+        for i, chunk in enumerate(chunks):
+            weight = torch.tensor(weights[i * self.mbs:(i + 1) * self.mbs], device=self.device)
+            out = self.pair_metrics(chunk, "val")
+            acc = acc + self._metric_vector(out, weight)
+            tx.sync()  # graph: one forward micro-batch
+        self._loader = None
+        if xr.world_size() > 1:
+            acc = xm.all_reduce(xm.REDUCE_SUM, acc)
+            tx.sync()
+        self.model.train()
+        vals: dict[str, float] = {}
+        self._to_host(acc, max(1, len(examples)), vals)  # validation end is a log boundary
+        vals.pop("tokens", None)
+        return {f"val_{k.replace('reduced_train_loss', 'loss')}": v for k, v in vals.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> None:
+        """Checkpoint files hold CPU tensors: the live model and optimizer stay on the device."""
+        if not self.r.exp_manager.create_checkpoint_callback:
+            return
+        self._tx.sync()
+        live_model, live_opt = self.model, self.optimizer
+        cpu_model = _cpu_copy_module(live_model)
+        try:
+            self.model = cpu_model
+            self.optimizer = _CpuStateOptimizer(live_opt)
+            super().save()
+        finally:
+            self.model, self.optimizer = live_model, live_opt
+
+
+def _cpu_copy_module(model: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to("cpu")
+
+
+class _CpuStateOptimizer:
+    """Presents an optimizer's state_dict with CPU tensors (what save_checkpoint writes)."""
+
+    def __init__(self, opt):
+        self._opt = opt
+
+    def state_dict(self):
+        def cpu(x):
+            if isinstance(x, torch.Tensor):
+                return x.detach().cpu()
+            if isinstance(x, dict):
+                return {k: cpu(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return type(x)(cpu(v) for v in x)
+            return x
+        return cpu(self._opt.state_dict())
+
+
+def train_xla(recipe) -> "object":
+    """Train `recipe` on the XLA device; returns the run directory."""
+    apply_neuron_env(recipe)
+    if recipe.model_parallel_size > 1:
+        from recipe_runner.backends.nxd import require_nxd
+
+        require_nxd()
+        from recipe_runner.backends.nxd.trainer import NxdTrainer
+
+        return NxdTrainer(recipe).run()
+    say(f"xla backend: {recipe.world_size} data-parallel process(es)", True)
+    return XlaTrainer(recipe).run()
