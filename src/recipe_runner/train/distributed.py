@@ -67,5 +67,8 @@ def broadcast_object(obj, d: Dist):
 
 
 def shutdown(d: Dist) -> None:
+    """Tear down together: a rank that leaves while another still talks to it over gloo can
+    abort ("terminate called without an active exception") and fail the torchrun job."""
     if d.world > 1 and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -39,7 +39,10 @@ def pair_logprobs(model, examples: list[dict], *, device, pad_id: int, pad_to: i
 def precompute(model, examples: list[dict], *, batch_size: int, device, pad_id: int, pad_to: int | None,
                autocast, dist: Dist, cache_file: str | None, log=print, static_shapes: bool = False) -> torch.Tensor:
     """Table [max_id + 1, 2] of (chosen, rejected) reference log-prob sums, NaN where no example."""
-    if cache_file and os.path.exists(cache_file):
+    have = torch.tensor([1.0 if cache_file and os.path.exists(cache_file) else 0.0])
+    # all ranks must agree, or one loads the cache while the others wait in the all-reduce below
+    # forever (a node whose cache_dir is not the shared one)
+    if all_reduce_sum(have, dist).item() == dist.world:
         log(f"reference log-probs: reusing {cache_file}")
         return load_file(cache_file)["logps"]
     size = max(e["id"] for e in examples) + 1 if examples else 0
