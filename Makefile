@@ -8,11 +8,12 @@ BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 RUN_DIR    ?= runs/tiny-dpo
 
-.PHONY: venv test demo clean help
+.PHONY: venv test test-xla demo clean help
 
 help:
 	@echo "make demo   - train the tiny DPO recipe on CPU, export it, write its report"
 	@echo "make test   - run the test suite"
+	@echo "make test-xla - the xla backend on torch-xla's CPU device (own venv .venv-xla, ~7 GB)"
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +32,26 @@ demo: $(BIN)/.installed
 	$(BIN)/recipe-runner export $(RUN_DIR) --to hf $(RUN_DIR)/export-hf
 	$(BIN)/recipe-runner report $(RUN_DIR)
 	@echo "metrics: $(RUN_DIR)/metrics.jsonl | TensorBoard: $(RUN_DIR)/tensorboard | checkpoints: $(RUN_DIR)/checkpoints | exported model: $(RUN_DIR)/export-hf | report: $(RUN_DIR)/report/report.md"
+
+# The xla backend's tests run in their own venv: torch 2.9 + torch-xla 2.9 (the Neuron DLC's
+# versions) next to the main venv's newer torch. From PyPI, x86_64 torch 2.9 pulls CUDA wheels (~7 GB).
+XLA_VENV   ?= .venv-xla
+XLA_BIN    := $(XLA_VENV)/bin
+XLA_TORCH  ?= torch==2.9.1 torch-xla==2.9.0
+XLA_DEPS   ?= transformers==5.24.0 tokenizers==0.23.3 safetensors==0.8.0 datasets==5.2.0 pydantic==2.14.4 \
+              omegaconf==2.4.0 "pyyaml>=6" "tqdm>=4.66" tensorboard==2.21.0 "filelock>=3.12" "jinja2>=3.1" \
+              huggingface_hub==2.4.0 "requests>=2.31" "pytest>=8"
+
+$(XLA_BIN)/.installed: pyproject.toml
+	test -x $(XLA_BIN)/python || $(PYTHON) -m venv $(XLA_VENV)
+	$(XLA_BIN)/python -m pip install -q --upgrade pip
+	$(XLA_BIN)/python -m pip install -q $(XLA_TORCH)
+	$(XLA_BIN)/python -m pip install -q -e . --no-deps
+	$(XLA_BIN)/python -m pip install -q $(XLA_TORCH) $(XLA_DEPS)
+	touch $@
+
+test-xla: $(XLA_BIN)/.installed
+	PJRT_DEVICE=CPU $(XLA_BIN)/python -m pytest -q -ra tests/test_xla*.py
 
 clean:
 	rm -rf runs build dist .pytest_cache
