@@ -144,6 +144,7 @@ class Trainer:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
             return
         settings = {k: v for k, v in tok.items() if k != "cache_dir"}
+        settings["dev_choose_samples"] = self.r.data.dev_choose_samples  # a table of 8 pairs can't serve 12
         for split, examples, path in (("train", self.train_ex, self.r.data.train_dir),
                                       ("val", self.val_ex, self.r.data.val_dir)):
             if not examples:
@@ -207,7 +208,10 @@ class Trainer:
                 nll = -mc
             out = orpo_loss(mc, mr, nll, beta=al.beta)
         out["reward_margin"] = out["chosen_rewards"] - out["rejected_rewards"]
-        out["reward_accuracy"] = (out["chosen_rewards"] > out["rejected_rewards"]).float()
+        # a margin inside fp32 rounding of the sums (their last bits depend on the batch's padding
+        # width) is a tie, so policy == reference gives accuracy 0 whatever the batch composition
+        tie = 1e-6 * (pc.abs() + pr.abs()).detach() * (al.kl_beta if self.r.algorithm == "dpo" else al.beta)
+        out["reward_accuracy"] = (out["reward_margin"] > tie).float()
         out["chosen_logps"], out["rejected_logps"] = pc.detach(), pr.detach()
         out["tokens"] = mask.sum().float().expand(1)
         return out
