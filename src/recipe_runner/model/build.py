@@ -69,7 +69,14 @@ def build_model(recipe, *, trust_remote_code: bool = False) -> torch.nn.Module:
     start = recipe.exp_manager.resume_from_checkpoint
     kind = checkpoint_kind(start)
     torch.manual_seed(recipe.seed)
-    if kind == "hf":
+    if kind == "hf" and not (Path(start) / "config.json").is_file() and (Path(start) / "model.safetensors").is_file():
+        # a recipe-runner checkpoint (weights only, no config.json): transformers 5's from_pretrained
+        # fails on such a directory with a TypeError, so load the weights ourselves
+        from safetensors.torch import load_model
+
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        load_model(model, str(Path(start) / "model.safetensors"), strict=True)
+    elif kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(start, config=config, trust_remote_code=trust_remote_code,
                                                      **_fp32())
     else:
