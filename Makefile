@@ -13,6 +13,9 @@ RUN_DIR    ?= runs/tiny-dpo
 help:
 	@echo "make demo   - train the tiny DPO recipe on CPU, export it, write its report"
 	@echo "make test   - run the test suite"
+	@echo "make build push [REGISTRY=...] - the image on the Neuron DLC (ECR login when needed)"
+	@echo "make render - recipes -> helm/recipes and k8s/<recipe>/ manifests"
+	@echo "make lint   - helm lint, hadolint, kubernetes-validate;  make tools - helm + kubectl into .tools/bin"
 	@echo "make test-xla - the xla backend on torch-xla's CPU device (own venv .venv-xla, ~7 GB)"
 
 $(BIN)/.installed: pyproject.toml
