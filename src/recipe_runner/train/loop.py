@@ -163,6 +163,10 @@ class Trainer:
         batch = collate_pairs(examples, pad_id=self.pad_id, pad_to=self.pad_to)
         return tuple(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
 
+    def logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
+        """Sequence log-prob sums and counts (a seam: tensor parallelism splits the LM head)."""
+        return sequence_logprobs(hidden, weight, labels, static_shapes=self.static)
+
     def pair_metrics(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
         """Per-pair losses and metrics for a micro-batch (the graph is kept for backward)."""
         b = len(examples)
@@ -179,7 +183,7 @@ class Trainer:
             with self.autocast():
                 hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
                 weight = self.model.get_output_embeddings().weight
-                sums, counts = sequence_logprobs(hidden, weight, labels, static_shapes=self.static)
+                sums, counts = self.logprobs(hidden, weight, labels)
         pc, pr, lc, lr = sums[:b], sums[b:], counts[:b].float(), counts[b:].float()
         if self.r.algorithm == "dpo":
             if self.ref_model is not None and (self.packing or self.sharing):
@@ -202,7 +206,7 @@ class Trainer:
             elif al.nll_scope == "sequence":  # TRL/paper: prompt and response tokens of the chosen sequence
                 full = torch.where(mask[:b].bool(), ids[:b], torch.full_like(ids[:b], -100))
                 with self.autocast():
-                    fs, fc = sequence_logprobs(hidden[:b], weight, full, static_shapes=self.static)
+                    fs, fc = self.logprobs(hidden[:b], weight, full)
                 nll = -fs / fc
             else:  # NxDT: response tokens only
                 nll = -mc
