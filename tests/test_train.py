@@ -92,15 +92,15 @@ def final_weights(run_dir) -> bytes:
 # ============================================================================ the tiny recipes learn
 @pytest.fixture(scope="module")
 def dpo_run(tmp_path_factory, cache):
-    """tiny-dpo through the CLI entry point: 128 pairs, 8 steps of 16, validation every 4."""
+    """tiny-dpo through the CLI entry point: 192 pairs, 12 steps of 16, validation every 6."""
     from recipe_runner import cli
 
     run_dir = tmp_path_factory.mktemp("dpo")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         rc = cli.main(["train", str(REPO / "recipes/tiny-dpo.yaml"), *overrides(
-            run_dir, cache, "data.dev_choose_samples=128", "trainer.max_steps=8", "trainer.log_every_n_steps=1",
-            "trainer.val_check_interval=4", "exp_manager.checkpoint_callback_params.every_n_train_steps=4",
+            run_dir, cache, "data.dev_choose_samples=192", "trainer.max_steps=12", "trainer.log_every_n_steps=1",
+            "trainer.val_check_interval=6", "exp_manager.checkpoint_callback_params.every_n_train_steps=6",
             "exp_manager.checkpoint_callback_params.save_top_k=1")])
     assert rc == 0
     return run_dir, out.getvalue()
@@ -109,15 +109,15 @@ def dpo_run(tmp_path_factory, cache):
 def test_dpo_learns(dpo_run):
     run_dir, _ = dpo_run
     val = val_records(run_dir)
-    assert [r["step"] for r in val] == [0, 4, 8]
+    assert [r["step"] for r in val] == [0, 6, 12]
     first, last = val[0], val[-1]
     # the baseline: policy == reference -> loss ln 2, rewards 0, strict accuracy 0
     assert first["val_loss"] == pytest.approx(LN2, abs=1e-6)
     assert first["val_reward_accuracy"] == 0.0
     assert first["val_chosen_rewards"] == pytest.approx(0.0, abs=1e-5)
     assert first["val_reward_margin"] == pytest.approx(0.0, abs=1e-5)
-    assert last["val_reward_accuracy"] > 0.9, last
-    assert last["val_loss"] < 0.5 and last["val_reward_margin"] > 0.5
+    assert last["val_reward_accuracy"] > 0.9, last  # 1.0 with torch 2.13 on x86 CPUs
+    assert last["val_loss"] < 0.4 and last["val_reward_margin"] > 1.0
 
 
 def test_dpo_first_step_is_ln2(dpo_run):
@@ -133,8 +133,8 @@ def test_dpo_first_step_is_ln2(dpo_run):
 def test_metrics_keys_tensorboard_and_progress_lines(dpo_run):
     run_dir, stdout = dpo_run
     train = train_records(run_dir)
-    assert [r["step"] for r in train] == list(range(1, 9))
-    assert [r["consumed_samples"] for r in train] == [16 * s for s in range(1, 9)]
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert [r["consumed_samples"] for r in train] == [16 * s for s in range(1, 13)]
     for r in train:
         assert TRAIN_KEYS <= set(r) and set(r) - TRAIN_KEYS <= ALLOWED_EXTRA, sorted(set(r) ^ TRAIN_KEYS)
         assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in r.values()), r
@@ -145,8 +145,8 @@ def test_metrics_keys_tensorboard_and_progress_lines(dpo_run):
     assert events and all(e.stat().st_size > 0 for e in events)
     assert "\r" not in stdout and stdout.endswith("\n")
     lines = stdout.splitlines()
-    for s in range(1, 9):
-        assert any(line.startswith(f"step {s}/8 | consumed_samples {16 * s} | reduced_train_loss ") for line in lines), s
+    for s in range(1, 13):
+        assert any(line.startswith(f"step {s}/12 | consumed_samples {16 * s} | reduced_train_loss ") for line in lines), s
     assert sum(line.startswith("validation step ") for line in lines) == 3
 
 
@@ -168,8 +168,8 @@ def test_provenance_complete(dpo_run):
 def test_save_top_k_keeps_newest(dpo_run):
     run_dir, _ = dpo_run
     found = ckpt.list_checkpoints(run_dir)
-    assert [s for s, _ in found] == [8]  # step 4 was saved, then pruned (save_top_k 1)
-    assert found[0][1].name == "tiny_dpo--step=8-consumed_samples=128"
+    assert [s for s, _ in found] == [12]  # step 6 was saved, then pruned (save_top_k 1)
+    assert found[0][1].name == "tiny_dpo--step=12-consumed_samples=192"
     assert not list((Path(run_dir) / "checkpoints").glob(".tmp-*"))
 
 
