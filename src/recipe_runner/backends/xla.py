@@ -174,7 +174,7 @@ class XlaTrainer(Trainer):
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self, step: int) -> dict[str, float]:
-        tx, xm, xr = self._tx, self._xm, self._xr
+        tx, xm = self._tx, self._xm
         examples = self.global_batch(step)
         chunks = [examples[s:s + self.mbs] for s in range(0, len(examples), self.mbs)]
         self._open_feed(chunks)
@@ -187,14 +187,9 @@ class XlaTrainer(Trainer):
             acc = vec if acc is None else acc + vec
             tx.sync()  # graph: one micro-batch forward + backward
         self._loader = None
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if xr.world_size() > 1:
-            xm.reduce_gradients(self.optimizer)
-            acc = xm.all_reduce(xm.REDUCE_SUM, acc)
-        clip = self.r.trainer.gradient_clip_val
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        acc = self._reduce_metrics(acc)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        grad_norm = self._optimizer_step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=False)
         vals: dict[str, float] = {"lr": lr}
@@ -206,10 +201,25 @@ class XlaTrainer(Trainer):
         tx.sync()  # graph: gradient reduce + clip + optimizer step
         return vals
 
+    def _reduce_metrics(self, acc: torch.Tensor) -> torch.Tensor:
+        """Sum a metric vector over the data-parallel replicas (on the device)."""
+        xm = self._xm
+        return xm.all_reduce(xm.REDUCE_SUM, acc) if self._xr.world_size() > 1 else acc
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Average gradients over replicas, clip, step; returns the gradient norm (device)."""
+        if self._xr.world_size() > 1:
+            self._xm.reduce_gradients(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.r.trainer.gradient_clip_val
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        self.optimizer.step()
+        return grad_norm
+
     # ------------------------------------------------------------------ validation
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        tx, xm, xr = self._tx, self._xm, self._xr
+        tx = self._tx
         self.model.eval()
         examples = self.val_ex
         limit = self.r.trainer.limit_val_batches
@@ -229,9 +239,8 @@ class XlaTrainer(Trainer):
             acc = acc + self._metric_vector(out, weight)
             tx.sync()  # graph: one forward micro-batch
         self._loader = None
-        if xr.world_size() > 1:
-            acc = xm.all_reduce(xm.REDUCE_SUM, acc)
-            tx.sync()
+        acc = self._reduce_metrics(acc)
+        tx.sync()
         self.model.train()
         vals: dict[str, float] = {}
         self._to_host(acc, max(1, len(examples)), vals)  # validation end is a log boundary
