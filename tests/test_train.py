@@ -29,6 +29,7 @@ from recipe_runner.train import reference
 from recipe_runner.train.loop import METRIC_KEYS, Trainer
 from recipe_runner.train.metrics import MetricsLogger
 
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # TRL is a test-only reference here
 REPO = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -227,6 +228,38 @@ def test_orpo_learns(tmp_path, cache):
         assert want <= set(r) and set(r) - want <= ALLOWED_EXTRA, sorted(set(r) ^ want)
         # NxDT nll scope (response tokens): nll = -mean chosen log-prob per token, so it is positive
         assert r["nll_loss"] > 0 and r["log_odds_ratio"] <= 0
+
+
+def test_orpo_pair_loss_matches_trl_formula(tmp_path, cache):
+    """One pair through the real model: nll_scope sequence (TRL/paper: cross-entropy over prompt
+    and response of the chosen sequence) and response (NxDT), against TRL's own pieces applied to
+    the full logits. (TRL averages the NLL over all tokens of a batch; per pair they agree.)"""
+    import torch.nn.functional as F
+    from trl.experimental.orpo.orpo_trainer import ORPOTrainer, log1mexp as trl_log1mexp
+
+    from recipe_runner.data.batches import collate_pairs
+
+    for scope in ("sequence", "response"):
+        t = trainer("tiny-orpo.yaml", tmp_path / scope, cache, *SMALL, f"model_alignment_strategy.orpo.nll_scope={scope}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            t.setup()
+        ex = t.train_ex[3]
+        with torch.no_grad():
+            out = t.pair_metrics([ex], "train")
+            b = collate_pairs([ex], pad_id=t.pad_id, pad_to=None)
+            logits = t.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        means = ORPOTrainer.get_batch_logps(logits, b["labels"], average_log_prob=True)
+        lc, lr = means[0], means[1]
+        if scope == "sequence":
+            full = torch.where(b["attention_mask"][:1] == 1, b["input_ids"][:1], -100)
+            nll = F.cross_entropy(logits[0, :-1], full[0, 1:], ignore_index=-100)
+        else:
+            nll = -lc
+        odds = (lc - lr) - (trl_log1mexp(lc) - trl_log1mexp(lr))
+        beta = t.r.alignment.beta
+        assert out["nll_loss"].item() == pytest.approx(nll.item(), abs=1e-5, rel=1e-5), scope
+        assert out["log_odds_chosen"].item() == pytest.approx(odds.item(), abs=1e-5, rel=1e-4), scope
+        assert out["loss"].item() == pytest.approx((nll - beta * F.logsigmoid(odds)).item(), abs=1e-5, rel=1e-5)
 
 
 # ============================================================================ invariants
