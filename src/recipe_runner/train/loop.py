@@ -127,6 +127,9 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, sched.pop("name"), **sched)
         self.step, self.consumed = 0, 0
         latest = ckpt.latest_checkpoint(self.run_dir) if r.exp_manager.resume_if_exists else None
+        start = r.exp_manager.resume_from_checkpoint
+        if latest is None and not r.model.weight_init_only and start and (Path(start) / ckpt.STATE_FILE).is_file():
+            latest = Path(start)  # weight_init_only: false continues another run's optimizer, schedule and step
         if latest is not None:
             state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
             self.step, self.consumed = state["step"], state["consumed_samples"]
