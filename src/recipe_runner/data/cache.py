@@ -24,16 +24,9 @@ import numpy as np
 
 from recipe_runner.data.dataset import DataReport, data_files
 from recipe_runner.data.tokenize import IGNORE_INDEX
+from recipe_runner.files import sha256_file as file_sha256
 
 CODE_VERSION = 1  # bump when tokenization output changes for the same inputs
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -11,7 +11,6 @@ the directory); a file destination keeps it beside (`<dest>.manifest.json`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from recipe_runner.files import sha256_file
 from recipe_runner.prepare.transfer import atomic_write_text
 
 FORMAT = "recipe-runner-fetch/1"
@@ -27,14 +27,6 @@ DIR_MANIFEST = ".fetch-manifest.json"
 
 def manifest_path(dest: Path, is_dir: bool) -> Path:
     return dest / DIR_MANIFEST if is_dir else dest.with_name(dest.name + ".manifest.json")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_files(root: Path) -> list[Path]:
