@@ -58,3 +58,13 @@ def test_shared_static_shapes_and_fallback_when_a_pair_does_not_fit():
     docs = batch["doc"][batch["doc"] >= 0].unique().numel()
     assert len(ex) < docs < 2 * len(ex), "expected some pairs shared and some split"
     assert tuple(batch["input_ids"].shape) == (8, width)
+
+
+def test_sharing_without_packing_keeps_one_pair_per_row():
+    ex = make_examples(4, 97, seed=9, max_len=30)
+    ex[1] = dict(ex[1], rejected_input_ids=[50] + ex[1]["rejected_input_ids"][1:])  # nothing in common
+    batch = pack_pairs(ex, pad_id=PAD, width=60, share_prefix=True, pack=False)
+    assert batch["input_ids"].shape[0] == 4
+    for r in range(4):
+        segs = batch["segments"][r][batch["labels"][r] != -100].unique().tolist()
+        assert segs == [r, r + 4]

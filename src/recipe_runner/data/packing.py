@@ -125,12 +125,16 @@ def pack_pairs(examples: list[dict], *, pad_id: int, width: int, share_prefix: b
     index of each position), doc (unit per position, -1 on padding), branch ([R, W] each),
     attention_mask ([R, W], 1 on real tokens) and the pair count. num_rows pads (or checks) the
     row count, trim=False keeps the full width: both give compilers one shape. pack=False puts
-    each unit in its own row (prefix sharing without packing).
+    each pair in its own row (prefix sharing without packing).
     """
     if not examples:
         raise ValueError("pack_pairs needs at least one example")
     units = _units(examples, width, share_prefix)
-    bins = first_fit([_unit_len(u) for u in units], width) if pack else [[k] for k in range(len(units))]
+    if pack:
+        bins = first_fit([_unit_len(u) for u in units], width)
+    else:  # one pair per row (both of its units when it could not share)
+        pair_of = [u[0][4] % len(examples) for u in units]
+        bins = [[k for k in range(len(units)) if pair_of[k] == i] for i in range(len(examples))]
     rows = len(bins)
     if num_rows is not None:
         if rows > num_rows:

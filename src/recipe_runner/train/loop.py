@@ -76,9 +76,12 @@ class Trainer:
         self.local_batch = self.gbs // self.dist.world
         self.pad_to = d.seq_length if recipe.runner.data.padding == "static" else None
         self.static = device_name == "xla"
-        # several pairs per seq_length row / each prompt once (data/packing.py); same numbers
+        # several pairs per row / each prompt once (data/packing.py); same numbers. A packed row is
+        # 2 x seq_length wide, room for any pair as [prompt | chosen | rejected], and a forward has
+        # micro_batch_size of them: the tokens of the unpacked [2 x micro_batch_size, seq_length].
         self.packing = bool(getattr(recipe.runner.data, "packing", False))
         self.sharing = bool(getattr(recipe.runner.data, "prefix_sharing", False))
+        self.pack_width = 2 * d.seq_length
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -224,17 +227,17 @@ class Trainer:
         return out
 
     def _pack(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Packed rows of a forward's pairs: seq_length wide; XLA gets the full 2 x micro_batch_size rows."""
-        rows = 2 * self.mbs if self.static else None
-        return pack_pairs(examples, pad_id=self.pad_id, width=self.r.data.seq_length, share_prefix=self.sharing,
+        """Packed rows of a forward's pairs; XLA always gets micro_batch_size full-width rows."""
+        rows = self.mbs if self.static else None
+        return pack_pairs(examples, pad_id=self.pad_id, width=self.pack_width, share_prefix=self.sharing,
                           pack=self.packing, num_rows=rows, trim=not self.static)
 
     def micro_batches(self, examples: list[dict]) -> list[list[dict]]:
         """The pairs of each forward: micro_batch_size of them, or with packing as many as fill
-        2 x micro_batch_size rows of seq_length (the unpacked micro-batch's memory)."""
+        micro_batch_size rows of 2 x seq_length (the unpacked micro-batch's tokens)."""
         if not self.packing:
             return [examples[s:s + self.mbs] for s in range(0, len(examples), self.mbs)]
-        return group_pairs(examples, max_rows=2 * self.mbs, width=self.r.data.seq_length, share_prefix=self.sharing)
+        return group_pairs(examples, max_rows=self.mbs, width=self.pack_width, share_prefix=self.sharing)
 
     def _summed(self, parts: list[dict], n_pairs: int) -> dict[str, float]:
         """Average per-pair metrics over the pairs of all ranks (the whole global batch)."""
