@@ -37,7 +37,7 @@ def test_bench_ours_only_both_length_kinds(tmp_path, capsys):
     for run in report["runs"]:
         assert "trl" not in run and "ratio" not in run
         _check(run["ours"], "ours", 2)
-        assert "packing=True, prefix_sharing=True" in run["ours"]["settings"]
+        assert "packing=False, prefix_sharing=True" in run["ours"]["settings"]
     fixed = report["runs"][0]["ours"]
     # fixed: every sequence is 96 tokens (BOS + 47 + 47 + EOS), prompts shared: fewer positions than tokens
     assert fixed["real_tokens_per_step"] == 2 * 2 * 96

@@ -20,8 +20,10 @@ import yaml
 
 from recipe_runner.bench.synthetic import config_dict, make_rows, make_tokenizer
 
-# Our engine's fastest correct settings: each prompt once, several pairs per row, log-probs of
-# response tokens only (the dynamic gather in model/logprobs.py), reference precomputed.
+# Batch layouts of our engine (runner.data.packing, prefix_sharing). All give the same numbers;
+# the bench default (prefix sharing, log-probs of response tokens only via the dynamic gather in
+# model/logprobs.py, reference precomputed) measured fastest on CPU: packed rows are up to
+# 2 x seq_length wide and their block masks are dense, so attention work grows with the row.
 LAYOUTS = {"packed+shared": (True, True), "packed": (True, False), "shared": (False, True), "rows": (False, False)}
 
 
