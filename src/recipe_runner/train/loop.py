@@ -118,14 +118,12 @@ class Trainer:
         limits = [s for s in (t.max_steps, t.max_epochs * self.steps_per_epoch if t.max_epochs > 0 else -1) if s > 0]
         self.max_steps = min(limits)
 
-        self.model = build_model(r, trust_remote_code=r.runner.trust_remote_code).to(self.device)
+        self.model = self._build_model()
         self.model.train()
         self.start_fp = fingerprint(r.exp_manager.resume_from_checkpoint, extra=r.model.model_config_path)
         self._setup_reference(tok)
         o = r.model.optim
-        self.optimizer = build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay,
-                                         betas=tuple(o.betas), eps=o.eps,
-                                         exclude_norm_weights=r.model.do_layer_norm_weight_decay)
+        self.optimizer = self._build_optimizer()
         sched = dict(o.sched, max_steps=self.max_steps)  # NxDT: always trainer.max_steps
         self.scheduler = build_scheduler(self.optimizer, sched.pop("name"), **sched)
         self.step, self.consumed = 0, 0
@@ -141,6 +139,22 @@ class Trainer:
                          model_config=self.model.config, start_fingerprint=self.start_fp, enabled=self.main)
         self.logger = MetricsLogger(str(self.run_dir), enabled=self.main,
                                     tensorboard=r.exp_manager.create_tensorboard_logger, resume_step=self.step)
+
+    def _build_model(self) -> torch.nn.Module:
+        """The policy on the device (a seam: tensor parallelism builds a parallel model)."""
+        return build_model(self.r, trust_remote_code=self.r.runner.trust_remote_code).to(self.device)
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW per the recipe (a seam: NxD wraps it for ZeRO-1)."""
+        o = self.r.model.optim
+        return build_optimizer(self.model, name=o.name, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas),
+                               eps=o.eps, exclude_norm_weights=self.r.model.do_layer_norm_weight_decay)
+
+    def score(self, model, input_ids, attention_mask, labels, **_) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sequence log-prob sums and counts of any model (policy or reference) with this
+        backend's log-prob function; what reference precompute and the frozen copy use."""
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        return self.logprobs(hidden, model.get_output_embeddings().weight, labels)
 
     def _setup_reference(self, tok: dict) -> None:
         self.ref_model, self.ref_tables = None, {}
@@ -160,7 +174,7 @@ class Trainer:
             self.ref_tables[split] = reference.precompute(
                 self.model, examples, batch_size=self.mbs, device=self.device, pad_id=self.pad_id, pad_to=self.pad_to,
                 autocast=self.autocast, dist=self.dist, cache_file=str(file), log=lambda m: say(m, self.main),
-                static_shapes=self.static)
+                static_shapes=self.static, score=self.score)
 
     # ------------------------------------------------------------------ one micro-batch
     def device_batch(self, examples: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -199,7 +213,8 @@ class Trainer:
             elif self.ref_model is not None:
                 with torch.no_grad(), self.autocast():
                     out = reference.pair_logprobs(self.ref_model, examples, device=self.device, pad_id=self.pad_id,
-                                                  pad_to=self.pad_to, autocast=self.autocast, static_shapes=self.static)
+                                                  pad_to=self.pad_to, autocast=self.autocast, static_shapes=self.static,
+                                                  score=self.score)
                 rc, rr = out["chosen"], out["rejected"]
             else:
                 rc, rr = reference.lookup(self.ref_tables[split], [e["id"] for e in examples], self.device)

@@ -24,11 +24,13 @@ from recipe_runner.train.distributed import Dist, all_reduce_sum
 
 
 def pair_logprobs(model, examples: list[dict], *, device, pad_id: int, pad_to: int | None, autocast,
-                  static_shapes: bool = False) -> dict[str, torch.Tensor]:
-    """Summed log-probs and response lengths of chosen and rejected for a micro-batch."""
+                  static_shapes: bool = False, score=model_logprobs) -> dict[str, torch.Tensor]:
+    """Summed log-probs and response lengths of chosen and rejected for a micro-batch.
+    `score(model, input_ids, attention_mask, labels, static_shapes=)` is the scoring function
+    (the backend's: tensor parallelism scores vocab-parallel)."""
     batch = collate_pairs(examples, pad_id=pad_id, pad_to=pad_to)
     with autocast():
-        sums, counts = model_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+        sums, counts = score(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                                       batch["labels"].to(device), static_shapes=static_shapes)
     b = len(examples)
     return {"chosen": sums[:b], "rejected": sums[b:], "chosen_len": counts[:b].float(),
@@ -37,7 +39,8 @@ def pair_logprobs(model, examples: list[dict], *, device, pad_id: int, pad_to: i
 
 @torch.no_grad()
 def precompute(model, examples: list[dict], *, batch_size: int, device, pad_id: int, pad_to: int | None,
-               autocast, dist: Dist, cache_file: str | None, log=print, static_shapes: bool = False) -> torch.Tensor:
+               autocast, dist: Dist, cache_file: str | None, log=print, static_shapes: bool = False,
+               score=model_logprobs) -> torch.Tensor:
     """Table [max_id + 1, 2] of (chosen, rejected) reference log-prob sums, NaN where no example."""
     have = torch.tensor([1.0 if cache_file and os.path.exists(cache_file) else 0.0])
     # all ranks must agree, or one loads the cache while the others wait in the all-reduce below
@@ -57,7 +60,7 @@ def precompute(model, examples: list[dict], *, batch_size: int, device, pad_id: 
         if static_shapes:  # one shape for XLA: repeat the last pair (same id, same value written twice)
             chunk = chunk + chunk[-1:] * (batch_size - len(chunk))
         out = pair_logprobs(model, chunk, device=device, pad_id=pad_id, pad_to=pad_to, autocast=autocast,
-                            static_shapes=static_shapes)
+                            static_shapes=static_shapes, score=score)
         ids = torch.tensor([e["id"] for e in chunk])
         table[ids, 0] = out["chosen"].double().cpu()
         table[ids, 1] = out["rejected"].double().cpu()

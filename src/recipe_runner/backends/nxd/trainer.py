@@ -109,46 +109,44 @@ class NxdTrainer(XlaTrainer):
         return model
 
     def setup(self) -> None:
-        """Trainer.setup, with the core's two factories swapped for its duration: the model comes
-        from _build through NxD's initialize_parallel_model, the optimizer through NxD's
-        initialize_parallel_optimizer (same class, groups and hyper-parameters as build_optimizer).
-        The core's order (data, model, reference, optimizer, scheduler, provenance) stays in one place."""
-        from neuronx_distributed.trainer import initialize_parallel_model, initialize_parallel_optimizer
-
-        import recipe_runner.train.loop as loop
+        """Trainer.setup (data, model, reference, optimizer, scheduler, provenance in one place);
+        the model and optimizer come through the seams below."""
         from recipe_runner.backends.nxd.model import tp_reducers
-        from recipe_runner.train import optim
-
-        def build_optimizer(model, *, name, lr, weight_decay, betas, eps, exclude_norm_weights):
-            cls = {"adamw_fp32OptState": optim.NxdtAdamW, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[name]
-            return initialize_parallel_optimizer(
-                self.nxd_config, cls, optim.param_groups(model, weight_decay, exclude_norm_weights), lr=lr,
-                betas=tuple(betas), eps=optim.DEFAULT_EPS[name] if eps is None else eps, weight_decay=weight_decay)
 
         install_xla_checkpointing()
         self._reducers = tp_reducers()
-        saved = loop.build_model, loop.build_optimizer
-        loop.build_model = lambda recipe, **kw: initialize_parallel_model(self.nxd_config, self._build)
-        loop.build_optimizer = build_optimizer
-        try:
-            super(XlaTrainer, self).setup()  # Trainer.setup
-        finally:
-            loop.build_model, loop.build_optimizer = saved
+        super(XlaTrainer, self).setup()  # Trainer.setup
+
+    def _build_model(self):
+        """The parallel Llama through NxD's initialize_parallel_model."""
+        from neuronx_distributed.trainer import initialize_parallel_model
+
+        return initialize_parallel_model(self.nxd_config, self._build)
+
+    def _build_optimizer(self):
+        """NxD's initialize_parallel_optimizer (ZeRO-1 per the recipe) around the same optimizer
+        class, parameter groups and hyper-parameters as the core's build_optimizer."""
+        from neuronx_distributed.trainer import initialize_parallel_optimizer
+
+        from recipe_runner.train import optim
+
+        o, r = self.r.model.optim, self.r
+        cls = {"adamw_fp32OptState": optim.NxdtAdamW, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[o.name]
+        groups = optim.param_groups(self.model, o.weight_decay, r.model.do_layer_norm_weight_decay)
+        return initialize_parallel_optimizer(self.nxd_config, cls, groups, lr=o.lr, betas=tuple(o.betas),
+                                             eps=optim.DEFAULT_EPS[o.name] if o.eps is None else o.eps,
+                                             weight_decay=o.weight_decay)
 
     def _setup_reference(self, tok: dict) -> None:
-        """Whole-set precompute on every dp rank (no CPU collectives on the xla backend)."""
-        from recipe_runner.train import loop, reference
+        """Whole-set precompute on every dp rank (no CPU collectives on the xla backend); the
+        scoring is vocab-parallel through Trainer.score -> self.logprobs."""
+        from recipe_runner.train import loop
 
-        def model_logprobs(model, input_ids, attention_mask, labels, **kw):
-            hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            return self.logprobs(hidden, model.get_output_embeddings().weight, labels)
-
-        saved, reference.model_logprobs = reference.model_logprobs, model_logprobs  # vocab-parallel scoring
         dist, self.dist = self.dist, Dist(rank=self.global_rank, world=1)
         try:
             loop.Trainer._setup_reference(self, tok)
         finally:
-            self.dist, reference.model_logprobs = dist, saved
+            self.dist = dist
 
     def logprobs(self, hidden, weight, labels):
         reduce_max, reduce_sum = self._reducers
