@@ -194,7 +194,8 @@ class RunnerData(Strict):
         "static", description="static: every row padded to seq_length (one shape for compilers); dynamic: to the batch's longest")
     skip_invalid: bool = False
     shuffle: bool = True
-    packing: bool = Field(False, description="several pairs per seq_length row, attention confined to each sequence")
+    packing: bool = Field(False, description="several pairs per row of 2 x seq_length (micro_batch_size rows per "
+                                             "forward), attention confined to each sequence")
     prefix_sharing: bool = Field(False, description="each prompt computed once, both responses attend to it")
 
 
