@@ -221,12 +221,7 @@ class XlaTrainer(Trainer):
     def validate(self) -> dict[str, float]:
         tx = self._tx
         self.model.eval()
-        examples = self.val_ex
-        limit = self.r.trainer.limit_val_batches
-        if isinstance(limit, float) and limit < 1.0:
-            examples = examples[: max(1, int(len(examples) * limit))]
-        elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
-            examples = examples[: limit * self.mbs * self.dist.world]
+        examples = self.val_examples()
         w = self.dist.world
         per_rank = -(-len(examples) // w)
         mine, weights = pad_to_multiple(examples[self.dist.rank::w], self.mbs, -(-per_rank // self.mbs) * self.mbs)

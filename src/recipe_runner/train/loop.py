@@ -293,15 +293,19 @@ class Trainer:
         vals.update(lr=lr, gradient_norm=float(grad_norm))
         return vals
 
+    def val_examples(self) -> list[dict]:
+        """The validation pairs `trainer.limit_val_batches` allows (float: fraction; int: batches)."""
+        examples, limit = self.val_ex, self.r.trainer.limit_val_batches
+        if isinstance(limit, float) and limit < 1.0:
+            return examples[: max(1, int(len(examples) * limit))]
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+            return examples[: limit * self.mbs * self.dist.world]
+        return examples
+
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
-        examples = self.val_ex
-        limit = self.r.trainer.limit_val_batches
-        if isinstance(limit, float) and limit < 1.0:
-            examples = examples[: max(1, int(len(examples) * limit))]
-        elif isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
-            examples = examples[: limit * self.mbs * self.dist.world]
+        examples = self.val_examples()
         mine = examples[self.dist.rank::self.dist.world]
         parts = [self.pair_metrics(chunk, "val") for chunk in self.micro_batches(mine)]
         self.model.train()

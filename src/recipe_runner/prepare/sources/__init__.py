@@ -9,6 +9,7 @@ the manifest after a download (e.g. the hub commit a branch name resolved to).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -16,7 +17,7 @@ from urllib.parse import unquote, urlparse
 from recipe_runner.errors import UserError
 
 
-class Source:
+class Source(ABC):
     uri: str
     revision: str | None = None
     is_dir: bool = False
@@ -25,11 +26,13 @@ class Source:
     def __init__(self) -> None:
         self.extra: dict[str, Any] = {}
 
+    @abstractmethod
     def identity(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What identifies the source's current content, cheaply (compared with the manifest)."""
 
+    @abstractmethod
     def download(self, target: Path) -> None:
-        raise NotImplementedError
+        """Write the content to `target` (a file or a directory, per is_dir)."""
 
 
 def open_source(uri: str, revision: str | None = None) -> Source:
