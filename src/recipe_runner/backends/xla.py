@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from recipe_runner.model.checkpointing import checkpoint
+
 from recipe_runner.backends.neuron_env import apply_neuron_env
 from recipe_runner.data.batches import collate_pairs
 from recipe_runner.errors import UserError
@@ -57,32 +59,12 @@ def xla_autocast(precision: str):
     return contextlib.nullcontext
 
 
-def _checkpoint(fn, *args, use_reentrant: bool = False, **kwargs):
-    """Activation checkpointing that works on both devices: torch's non-reentrant checkpoint
-    looks up a `torch.xla` device module that torch-xla 2.9 does not register, so XLA tensors go
-    through torch_xla's reentrant checkpoint (whose optimization barrier also stops the compiler
-    from merging the recomputation back into the forward)."""
-    if any(isinstance(a, torch.Tensor) and a.device.type == "xla" for a in args):
-        from torch_xla.utils.checkpoint import checkpoint as xla_checkpoint
-
-        kwargs.pop("preserve_rng_state", None)  # nothing random in what we checkpoint (no dropout)
-        return xla_checkpoint(fn, *args, use_reentrant=True, preserve_rng_state=False, **kwargs)
-    from torch.utils.checkpoint import checkpoint
-
-    return checkpoint(fn, *args, use_reentrant=use_reentrant, **kwargs)
-
-
-def install_xla_checkpointing(model: torch.nn.Module | None = None) -> None:
-    """Route the engine's checkpointing (chunked log-probs, HF gradient checkpointing) through
-    _checkpoint. Harmless for CPU tensors, which still take torch's path."""
-    from recipe_runner.backends.nxd import vocab_parallel
-    from recipe_runner.model import logprobs
-
-    logprobs.checkpoint = _checkpoint
-    vocab_parallel.checkpoint = _checkpoint
-    for m in (model.modules() if model is not None else ()):
+def install_xla_checkpointing(model: torch.nn.Module) -> None:
+    """Route Hugging Face gradient checkpointing of `model` through the device-aware checkpoint
+    (the engine's own chunked log-probs already use it)."""
+    for m in model.modules():
         if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
-            m._gradient_checkpointing_func = _checkpoint
+            m._gradient_checkpointing_func = checkpoint
 
 
 def use_eager_attention(model: torch.nn.Module) -> None:
@@ -149,7 +131,6 @@ class XlaTrainer(Trainer):
         super()._setup_reference(tok)
 
     def setup(self) -> None:
-        install_xla_checkpointing()
         super().setup()
         install_xla_checkpointing(self.model)
         if self.r.precision.type == "bf16SR":

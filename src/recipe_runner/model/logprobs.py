@@ -11,7 +11,7 @@ materialised: only one chunk of [chunk, vocab] exists at a time, forward and bac
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from recipe_runner.model.checkpointing import checkpoint
 
 IGNORE_INDEX = -100
 # Tokens per chunk. A chunk's forward+backward holds about four [chunk, V] fp32 buffers; at

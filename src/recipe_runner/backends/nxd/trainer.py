@@ -27,7 +27,7 @@ import torch
 
 from recipe_runner.backends.nxd.plan import checkpoint_file, layer_plan, rank_coords
 from recipe_runner.backends.nxd.vocab_parallel import vocab_parallel_sequence_logprobs
-from recipe_runner.backends.xla import XlaTrainer, install_xla_checkpointing, xla_autocast
+from recipe_runner.backends.xla import XlaTrainer, xla_autocast
 from recipe_runner.errors import UserError
 from recipe_runner.prepare.nxd_layout import Parallel, llama_dims
 from recipe_runner.train import checkpoint as ckpt
@@ -113,7 +113,6 @@ class NxdTrainer(XlaTrainer):
         the model and optimizer come through the seams below."""
         from recipe_runner.backends.nxd.model import tp_reducers
 
-        install_xla_checkpointing()
         self._reducers = tp_reducers()
         super(XlaTrainer, self).setup()  # Trainer.setup
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from torch.utils.checkpoint import checkpoint
+from recipe_runner.model.checkpointing import checkpoint
 
 from recipe_runner.model.logprobs import IGNORE_INDEX
 
