@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from recipe_runner.data.packing import CHOSEN, REJECTED, SHARED, pack_pairs, shared_prefix_length
 from recipe_runner.model.attention import block_causal_mask
