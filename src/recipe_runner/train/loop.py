@@ -187,50 +187,57 @@ class Trainer:
         """Sequence log-prob sums and counts (a seam: tensor parallelism splits the LM head)."""
         return sequence_logprobs(hidden, weight, labels, static_shapes=self.static)
 
-    def pair_metrics(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
-        """Per-pair losses and metrics for a micro-batch (the graph is kept for backward)."""
-        b = len(examples)
-        al = self.r.alignment
+    def policy_logprobs(self, examples: list[dict]) -> dict:
+        """The policy's summed log-probs and counts, rows 0..B-1 chosen and B..2B-1 rejected;
+        with ORPO's `nll_scope: sequence` also the chosen sequences' prompt+response sums.
+        Packed / prefix-shared rows give the same numbers (tested)."""
+        b, al = len(examples), self.r.alignment
+        full_scope = self.r.algorithm == "orpo" and al.nll_scope == "sequence"
         if self.packing or self.sharing:
             packed = self._pack(examples)
-            mask = packed["attention_mask"]
             with self.autocast():
                 lp = packed_pair_logprobs(self.model, packed, device=self.device, static_shapes=self.static,
-                                          full_chosen=self.r.algorithm == "orpo" and al.nll_scope == "sequence")
-            sums, counts = lp["sums"], lp["counts"]
-        else:
-            ids, mask, labels = self.device_batch(examples)
-            with self.autocast():
-                hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-                weight = self.model.get_output_embeddings().weight
-                sums, counts = self.logprobs(hidden, weight, labels)
-        pc, pr, lc, lr = sums[:b], sums[b:], counts[:b].float(), counts[b:].float()
+                                          full_chosen=full_scope)
+            return {**lp, "packed": packed, "tokens": packed["attention_mask"].sum()}
+        ids, mask, labels = self.device_batch(examples)
+        with self.autocast():
+            hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            weight = self.model.get_output_embeddings().weight
+            sums, counts = self.logprobs(hidden, weight, labels)
+            out = {"sums": sums, "counts": counts, "tokens": mask.sum()}
+            if full_scope:  # TRL/paper: prompt and response tokens of the chosen sequence
+                full = torch.where(mask[:b].bool(), ids[:b], torch.full_like(ids[:b], -100))
+                out["full_sums"], out["full_counts"] = self.logprobs(hidden[:b], weight, full)
+        return out
+
+    def reference_logprobs(self, examples: list[dict], split: str, packed=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) reference sums: from the precomputed table by sample id, or from the
+        frozen copy of the starting model when precompute is off."""
+        if self.ref_model is None:
+            return reference.lookup(self.ref_tables[split], [e["id"] for e in examples], self.device)
+        b = len(examples)
+        with torch.no_grad(), self.autocast():
+            if packed is not None:
+                ref = packed_pair_logprobs(self.ref_model, packed, device=self.device, static_shapes=self.static)
+                return ref["sums"][:b], ref["sums"][b:]
+            out = reference.pair_logprobs(self.ref_model, examples, device=self.device, pad_id=self.pad_id,
+                                          pad_to=self.pad_to, autocast=self.autocast, static_shapes=self.static,
+                                          score=self.score)
+        return out["chosen"], out["rejected"]
+
+    def pair_metrics(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
+        """Per-pair losses and metrics for a micro-batch (the graph is kept for backward)."""
+        b, al = len(examples), self.r.alignment
+        lp = self.policy_logprobs(examples)
+        pc, pr = lp["sums"][:b], lp["sums"][b:]
+        lc, lr = lp["counts"][:b].float(), lp["counts"][b:].float()
         if self.r.algorithm == "dpo":
-            if self.ref_model is not None and (self.packing or self.sharing):
-                with torch.no_grad(), self.autocast():
-                    ref = packed_pair_logprobs(self.ref_model, packed, device=self.device, static_shapes=self.static)
-                rc, rr = ref["sums"][:b], ref["sums"][b:]
-            elif self.ref_model is not None:
-                with torch.no_grad(), self.autocast():
-                    out = reference.pair_logprobs(self.ref_model, examples, device=self.device, pad_id=self.pad_id,
-                                                  pad_to=self.pad_to, autocast=self.autocast, static_shapes=self.static,
-                                                  score=self.score)
-                rc, rr = out["chosen"], out["rejected"]
-            else:
-                rc, rr = reference.lookup(self.ref_tables[split], [e["id"] for e in examples], self.device)
+            rc, rr = self.reference_logprobs(examples, split, lp.get("packed"))
             out = dpo_loss(pc, pr, rc, rr, beta=al.kl_beta, loss_type=al.loss_type,
                            label_smoothing=al.label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
         else:
             mc, mr = pc / lc, pr / lr
-            if al.nll_scope == "sequence" and (self.packing or self.sharing):
-                nll = -lp["full_sums"] / lp["full_counts"].float()
-            elif al.nll_scope == "sequence":  # TRL/paper: prompt and response tokens of the chosen sequence
-                full = torch.where(mask[:b].bool(), ids[:b], torch.full_like(ids[:b], -100))
-                with self.autocast():
-                    fs, fc = self.logprobs(hidden[:b], weight, full)
-                nll = -fs / fc
-            else:  # NxDT: response tokens only
-                nll = -mc
+            nll = -lp["full_sums"] / lp["full_counts"].float() if "full_sums" in lp else -mc  # NxDT: response only
             out = orpo_loss(mc, mr, nll, beta=al.beta)
         out["reward_margin"] = out["chosen_rewards"] - out["rejected_rewards"]
         # a margin inside fp32 rounding of the sums (their last bits depend on the batch's padding
@@ -238,7 +245,7 @@ class Trainer:
         tie = 1e-6 * (pc.abs() + pr.abs()).detach() * (al.kl_beta if self.r.algorithm == "dpo" else al.beta)
         out["reward_accuracy"] = (out["reward_margin"] > tie).float()
         out["chosen_logps"], out["rejected_logps"] = pc.detach(), pr.detach()
-        out["tokens"] = mask.sum().float().expand(1)
+        out["tokens"] = lp["tokens"].float().expand(1)
         return out
 
     def _pack(self, examples: list[dict]) -> dict[str, torch.Tensor]:
