@@ -132,9 +132,7 @@ class XlaTrainer(Trainer):
 
     def setup(self) -> None:
         super().setup()
-        install_xla_checkpointing(self.model)
-        if self.r.precision.type == "bf16SR":
-            self.model.to(torch.bfloat16)
+        install_xla_checkpointing(self.model)  # bf16SR weights are already bf16 (Trainer._build_model)
 
     # ------------------------------------------------------------------ metrics on device
     def _metric_vector(self, out: dict, weight: torch.Tensor | None = None) -> torch.Tensor:

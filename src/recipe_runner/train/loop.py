@@ -42,10 +42,19 @@ ORPO_KEYS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
 
 
 def make_autocast(device: str, precision: str):
-    """fp32 on CPU; bf16 autocast (fp32 weights and optimizer state) where the device has it."""
-    if device == "cuda" and precision != "fp32":
+    """fp32 on CPU; bf16 autocast (fp32 weights and optimizer state) where the device has it.
+    bf16SR keeps the weights themselves in bf16 (see param_dtype), so no autocast is needed."""
+    if device == "cuda" and precision not in ("fp32", "bf16SR"):
         return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def param_dtype(device: str, precision: str) -> torch.dtype:
+    """Parameter (and so optimizer-state) dtype. `bf16SR` on an accelerator keeps weights and
+    AdamW state in bf16, as NxDT's bf16SR does on Neuron (where the runtime rounds
+    stochastically) and as TRL's bf16 runs do on GPUs: half the memory of fp32 master weights,
+    which is what lets an 8B model train on one large GPU. The CPU always trains in fp32."""
+    return torch.bfloat16 if device != "cpu" and precision == "bf16SR" else torch.float32
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
@@ -142,7 +151,8 @@ class Trainer:
 
     def _build_model(self) -> torch.nn.Module:
         """The policy on the device (a seam: tensor parallelism builds a parallel model)."""
-        return build_model(self.r, trust_remote_code=self.r.runner.trust_remote_code).to(self.device)
+        model = build_model(self.r, trust_remote_code=self.r.runner.trust_remote_code)
+        return model.to(device=self.device, dtype=param_dtype(self.device_name, self.r.precision.type))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW per the recipe (a seam: NxD wraps it for ZeRO-1)."""
