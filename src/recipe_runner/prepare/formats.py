@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe_runner.errors import UserError
-from recipe_runner.prepare.manifest import list_files, sha256_file
+from recipe_runner.prepare.manifest import list_files, read_manifest, sha256_file
 from recipe_runner.prepare.rows import BadRow, read_rows
 from recipe_runner.prepare.templates import Renderer, SkipRow, converter
 from recipe_runner.prepare.transfer import atomic_write_text, exclusive, make_parent
@@ -119,7 +119,7 @@ def prepare(input: str, output: str, format: str = "preference", fields: dict[st
     with exclusive(out_path, "prepare-data"):
         input_sha = _input_sha256(in_path)
         mpath = out_path.with_name(out_path.name + ".manifest.json")
-        old = _read(mpath)
+        old = read_manifest(mpath, FORMAT)
         if not force and _up_to_date(old, in_path, input_sha, settings, out_path, val_path):
             print(f"prepare-data: {out_path} is up to date with {in_path} (manifest {mpath.name}); skipping")
             return old["report"]
@@ -225,14 +225,6 @@ def _sha(text: Any) -> str:
 
 def _describe(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": path.stat().st_size, "sha256": sha256_file(path)}
-
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
 
 
 def _up_to_date(old: dict[str, Any] | None, in_path: Path, input_sha: str, settings: dict[str, Any],

@@ -44,13 +44,14 @@ def describe_files(root: Path, rel_paths: list[Path]) -> list[dict[str, Any]]:
     return [{"path": p.as_posix(), "size": (root / p).stat().st_size, "sha256": sha256_file(root / p)} for p in rel_paths]
 
 
-def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest, or None when absent or unreadable (an unreadable one means: do the work again)."""
+def read_manifest(path: Path, fmt: str = FORMAT) -> dict[str, Any] | None:
+    """The manifest of format `fmt`, or None when absent, unreadable or another format (each
+    means: do the work again)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("format") == FORMAT else None
+    return data if isinstance(data, dict) and data.get("format") == fmt else None
 
 
 def write_manifest(path: Path, uri: str, revision: str | None, identity: dict[str, Any],
