@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import time
 from collections import deque
 from pathlib import Path
@@ -57,11 +58,12 @@ def param_dtype(device: str, precision: str) -> torch.dtype:
     return torch.bfloat16 if device != "cpu" and precision == "bf16SR" else torch.float32
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+@functools.lru_cache(maxsize=2)  # one permutation per epoch, not one per step
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
     if not shuffle:
-        return list(range(n))
+        return tuple(range(n))
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
+    return tuple(torch.randperm(n, generator=g).tolist())
 
 
 class Trainer:
