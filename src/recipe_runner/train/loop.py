@@ -277,12 +277,17 @@ class Trainer:
         """Average per-pair metrics over the pairs of all ranks (the whole global batch)."""
         keys = METRIC_KEYS + (ORPO_KEYS if self.r.algorithm == "orpo" else ())
         src = {"reduced_train_loss": "loss"}
-        # every rank reduces the same vector, even one with no pairs (validation tails)
-        vec = torch.tensor([sum(float(p[src.get(k, k)].detach().float().sum()) for p in parts) for k in keys]
-                           + [sum(float(p["tokens"].sum()) for p in parts)], dtype=torch.float64)
+        # summed on the device and read back once per step: a host read per micro-batch would
+        # stall a GPU's queue. Every rank reduces the same vector, even one with no pairs
+        # (validation tails).
+        vec = torch.zeros(len(keys) + 1, dtype=torch.float64, device=self.device)
+        for p in parts:
+            vec += torch.stack([p[src.get(k, k)].detach().double().sum() for k in keys]
+                               + [p["tokens"].detach().double().sum()])
         all_reduce_sum(vec, self.dist)
-        vals = {k: vec[i].item() / n_pairs for i, k in enumerate(keys)}
-        vals["tokens"] = vec[-1].item()
+        vec = vec.tolist()
+        vals = {k: vec[i] / n_pairs for i, k in enumerate(keys)}
+        vals["tokens"] = vec[-1]
         return vals
 
     # ------------------------------------------------------------------ loop
