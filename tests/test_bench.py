@@ -54,3 +54,38 @@ def test_bench_against_trl(tmp_path, capsys):
     assert run["trl"]["real_tokens_per_step"] == pytest.approx(run["ours"]["real_tokens_per_step"], rel=0.05)
     assert run["ratio"]["pairs_per_s"] == pytest.approx(run["ours"]["pairs_per_s"] / run["trl"]["pairs_per_s"], rel=1e-2)
     assert " trl " in printed and "TRL DPOTrainer" in printed
+
+
+def test_bench_layout_and_precision_defaults(tmp_path, capsys):
+    from recipe_runner.bench import bench_layout
+
+    assert bench_layout("auto", "cuda", "orca") == "packed+shared"
+    assert bench_layout("auto", "cuda", "fixed") == "shared"
+    assert bench_layout("auto", "cpu", "orca") == "shared"
+    assert bench_layout("rows", "cuda", "orca") == "rows"
+    report, _ = _bench(tmp_path, capsys, "--no-trl", "--lengths", "fixed", "--seq", "48", "--attention", "eager")
+    settings = report["runs"][0]["ours"]["settings"]
+    assert "attention=eager" in settings and "precision=fp32" in settings
+
+
+def test_gpu_script_invocations_parse():
+    """bench/gpu.sh is run once on a lent GPU with no second try: every bench line in it must be
+    a valid invocation of this CLI (a typo would cost the session's device time)."""
+    import argparse
+    import re
+    import shlex
+    from pathlib import Path
+
+    from recipe_runner.bench import add_arguments
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser)
+    text = (Path(__file__).resolve().parents[1] / "bench/gpu.sh").read_text()
+    calls = [m.groups() for line in text.splitlines()
+             if (m := re.search(r"\bbench (\S+) (\d+) (.+?)\s*(?:;;)?$", line.split("#")[0]))]
+    assert [c[0] for c in calls] == ["smoke", "1b-fixed", "1b-orca", "8b-fixed"]
+    for name, limit, args in calls:
+        ns = parser.parse_args(shlex.split(args))
+        assert ns.steps > ns.warmup
+        assert 2 * ns.timeout + 20 <= int(limit), f"{name}: the outer limit must cover both engines' runs"
+    assert {parser.parse_args(shlex.split(c[2])).shape for c in calls} == {"tiny", "llama3.2-1b", "llama3-8b"}

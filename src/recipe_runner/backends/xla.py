@@ -32,11 +32,11 @@ from __future__ import annotations
 
 import torch
 
-from recipe_runner.model.checkpointing import checkpoint
-
 from recipe_runner.backends.neuron_env import apply_neuron_env
 from recipe_runner.data.batches import collate_pairs
 from recipe_runner.errors import UserError
+from recipe_runner.model.attention import set_attention
+from recipe_runner.model.checkpointing import checkpoint
 from recipe_runner.train.loop import METRIC_KEYS, ORPO_KEYS, Trainer
 from recipe_runner.train.metrics import say
 
@@ -71,10 +71,7 @@ def use_eager_attention(model: torch.nn.Module) -> None:
     """transformers' sdpa path reads the attention mask on the host to decide whether it may skip
     it (a sync, and a different graph for a batch without padding); its eager path always builds
     the mask. Numerically the same attention."""
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation("eager")
-    else:  # transformers 4.x in the Neuron DLC
-        model.config._attn_implementation = "eager"
+    set_attention(model, "eager")
 
 
 class _Feed:

@@ -19,9 +19,9 @@ from recipe_runner.bench.engines import LAYOUTS
 from recipe_runner.bench.synthetic import SHAPES, bf16_matmul_peak_tflops, default_seq, model_flops_per_token
 from recipe_runner.errors import UserError
 
-NO_GPU_NOTE = ("no GPU in this session: CPU numbers only. The CUDA path (bf16 autocast, "
-               "torch.cuda.max_memory_allocated, model TFLOP/s against a measured bf16 matmul peak) is written "
-               "but was not run here.")
+NO_GPU_NOTE = ("no GPU in this session: CPU numbers only. The CUDA path (bf16SR weights, FlexAttention for packed "
+               "rows, fused AdamW, torch.cuda.max_memory_allocated, model TFLOP/s against a measured bf16 matmul "
+               "peak) is written but was not run here: bench/gpu.sh runs it on a lent GPU.")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +32,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", type=int, default=4, help="pairs per optimizer step (default 4)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per engine (default 8 on CPU, 12 on GPU)")
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the timing (default 2)")
-    p.add_argument("--layout", choices=sorted(LAYOUTS), default="shared",
-                   help="this engine's batch layout (default shared: one pair per row, prompt once; measured "
-                        "fastest on CPU, where packing's dense masks cost more attention than padding did)")
+    p.add_argument("--layout", choices=("auto",) + tuple(sorted(LAYOUTS)), default="auto",
+                   help="this engine's batch layout. auto: packed+shared for orca lengths on CUDA (FlexAttention "
+                        "skips the masked tiles), else shared (one pair per row, prompt once; fastest on CPU, where "
+                        "packing's dense masks cost more attention than the padding they remove)")
+    p.add_argument("--precision", choices=("auto", "bf16SR", "mixed_precision", "fp32"), default="auto",
+                   help="this engine's precision.type. auto: bf16SR on CUDA (bf16 weights and AdamW state, as TRL's "
+                        "bf16 runs and its anchors), fp32 on CPU")
+    p.add_argument("--attention", choices=("auto", "sdpa", "eager", "flex_attention"), default="auto",
+                   help="this engine's runner.attention (default auto)")
     p.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in both engines")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--seed", type=int, default=0)
@@ -45,6 +51,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-trl", action="store_true", help="measure only this engine")
     p.add_argument("--json", metavar="OUT", default=None, help="write the results here as JSON")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per engine run (default 3600)")
+
+
+def bench_layout(requested: str, device: str, lengths: str) -> str:
+    """Uneven lengths on CUDA pack (FlexAttention skips masked tiles); fixed pairs gain nothing
+    from packing (one pair fills a row), and on CPU the dense masks cost more than they save."""
+    if requested != "auto":
+        return requested
+    return "packed+shared" if device == "cuda" and lengths == "orca" else "shared"
 
 
 def _run_worker(engine: str, spec: dict, timeout: int) -> dict:
@@ -124,7 +138,9 @@ def run(args: argparse.Namespace) -> int:
     for kind in lengths:
         spec = {"shape": args.shape, "lengths": kind, "seq": args.seq or default_seq(args.shape, kind),
                 "pairs": args.pairs, "steps": steps, "warmup": args.warmup, "seed": args.seed, "device": device,
-                "layout": args.layout, "grad_ckpt": args.grad_ckpt, "threads": args.threads}
+                "layout": bench_layout(args.layout, device, kind), "grad_ckpt": args.grad_ckpt,
+                "threads": args.threads, "attention": args.attention,
+                "precision": args.precision if args.precision != "auto" else ("bf16SR" if device == "cuda" else "fp32")}
         run_ = {"lengths": kind, "seq": spec["seq"], "spec": spec}
         engines = ("ours",) if args.no_trl else ("ours", "trl")
         tries: dict[str, list[dict]] = {e: [] for e in engines}
@@ -143,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
         report["runs"].append(run_)
     print()
     print(table(report))
-    print(f"\nours: {report['runs'][0]['ours']['settings']}")
+    for run_ in report["runs"]:
+        print(f"\nours ({run_['lengths']}): {run_['ours']['settings']}")
     if not args.no_trl:
         print(f"trl:  {report['runs'][0]['trl']['settings']}")
     if peak:

@@ -86,8 +86,8 @@ def run_ours(spec: dict, work: Path) -> dict:
         "model_alignment_strategy": {"dpo": {"kl_beta": 0.1, "loss_type": "sigmoid",
                                              "max_prompt_length": seq // 2, "precompute_ref_log_probs": True,
                                              "truncation_mode": "keep_start"}},
-        "precision": {"type": "mixed_precision" if cuda else "fp32"},
-        "runner": {"device": spec["device"], "cache_dir": str(work / "cache"),
+        "precision": {"type": spec.get("precision", "fp32")},
+        "runner": {"device": spec["device"], "cache_dir": str(work / "cache"), "attention": spec.get("attention", "auto"),
                    "data": {"padding": "dynamic", "shuffle": True, "packing": packing, "prefix_sharing": sharing}},
     }
     (work / "bench.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
@@ -112,10 +112,12 @@ def run_ours(spec: dict, work: Path) -> dict:
         tokens_all.append(sum(positions))
         tokens_real.append(sum(len(e["chosen_input_ids"]) + len(e["rejected_input_ids"]) for e in batch))
     out = _summary(times, spec["warmup"], pairs, tokens_all, tokens_real)
+    from recipe_runner.model.attention import attention_implementation
+
     out.update(_memory(cuda), setup_incl_precompute_s=round(setup_s, 2),
-               settings=f"layout={spec['layout']} (packing={packing}, prefix_sharing={sharing}), response-only LM head, "
-                        f"chunked log-probs, precomputed reference, dynamic padding"
-                        + (", bf16 autocast (fp32 weights)" if cuda else ", fp32"))
+               settings=f"layout={spec['layout']} (packing={packing}, prefix_sharing={sharing}), "
+                        f"attention={attention_implementation(trainer.model)}, precision={recipe['precision']['type']}, "
+                        f"response-only LM head, chunked log-probs, precomputed reference, dynamic padding")
     out["loss_last"] = round(vals["reduced_train_loss"], 6)
     return out
 

@@ -5,10 +5,13 @@ attend to token j when both belong to the same unit, j <= i, and j is in the sha
 i's own branch (chosen or rejected). Padding attends only to itself, so no softmax row is empty
 (an all-masked row gives NaN, which would leak into gradients through 0 * NaN).
 
-The mask is an explicit 4-D tensor [R, 1, W, W]: transformers uses a 4-D mask as given for the
-sdpa and eager attention implementations (bool for sdpa, additive float for eager). Together
-with restarting position ids this is exactly the unpacked computation. Other implementations
-(flash-attention, flex) take different mask forms and are refused with a clear message.
+For sdpa and eager the mask is an explicit 4-D tensor [R, 1, W, W], which transformers uses as
+given (bool for sdpa, additive float for eager): every block of the W x W scores is computed and
+then masked. For flex_attention (PyTorch's FlexAttention; the `auto` choice on CUDA with packing)
+the same rule becomes a BlockMask, and blocks no query of a tile may see are skipped: a packed row
+of 2 x seq_length costs the attention of its sequences, not of the whole row. Together with
+restarting position ids each is exactly the unpacked computation. flash-attention takes no such
+mask and is refused with a clear message.
 """
 
 from __future__ import annotations
@@ -19,31 +22,70 @@ from recipe_runner.errors import UserError
 from recipe_runner.model.logprobs import sequence_logprobs
 
 SHARED = 0  # the branch id of a shared prompt in data/packing.py (chosen 1, rejected 2)
-MASKABLE = ("sdpa", "eager")
+MASKABLE = ("sdpa", "eager", "flex_attention")
+
+
+def may_attend(doc_q, doc_k, branch_q, branch_k, q, k):
+    """The one rule, elementwise: query q may see key k when both are in the same unit, k <= q,
+    and k is in the shared prompt or in q's own branch; padding (doc -1) sees only itself, so no
+    softmax row is empty. Works on broadcast tensors (dense mask) and inside a flex mask_mod."""
+    same = (doc_q == doc_k) & (doc_k >= 0)
+    visible = (branch_k == SHARED) | (branch_k == branch_q)
+    return (same & visible & (k <= q)) | (q == k)
 
 
 def block_causal_mask(doc: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
     """Boolean [R, 1, W, W] mask, True where query i (dim 2) may attend to key j (dim 3)."""
-    w = doc.shape[-1]
-    causal = torch.ones(w, w, dtype=torch.bool, device=doc.device).tril()
-    same = (doc[:, :, None] == doc[:, None, :]) & (doc[:, :, None] >= 0)
-    key_branch, query_branch = branch[:, None, :], branch[:, :, None]
-    visible = (key_branch == SHARED) | (key_branch == query_branch)
-    allowed = same & visible & causal
-    allowed |= torch.eye(w, dtype=torch.bool, device=doc.device)
+    pos = torch.arange(doc.shape[-1], device=doc.device)
+    allowed = may_attend(doc[:, :, None], doc[:, None, :], branch[:, :, None], branch[:, None, :],
+                         pos[:, None], pos[None, :])
     return allowed[:, None]
+
+
+def flex_block_mask(doc: torch.Tensor, branch: torch.Tensor):
+    """The same rule as a FlexAttention BlockMask (tiles nobody may see are skipped)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        return may_attend(doc[b, q], doc[b, k], branch[b, q], branch[b, k], q, k)
+
+    rows, width = doc.shape
+    return create_block_mask(mask_mod, rows, None, width, width, device=doc.device,
+                             _compile=doc.device.type == "cuda")
 
 
 def attention_implementation(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
-def model_mask(model, doc: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def choose_attention(requested: str, device: str, packing: bool) -> str:
+    """`runner.attention`. auto: eager on xla (sdpa reads the mask on the host there),
+    flex_attention on CUDA with packing (rows of 2 x seq_length whose dense masks would make
+    attention cost grow with the row), sdpa otherwise (transformers' default)."""
+    if requested != "auto":
+        return requested
+    if device == "xla":
+        return "eager"
+    return "flex_attention" if device == "cuda" and packing else "sdpa"
+
+
+def set_attention(model, impl: str) -> None:
+    if attention_implementation(model) == impl:
+        return
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(impl)
+    else:  # transformers 4.x in the Neuron DLC
+        model.config._attn_implementation = impl
+
+
+def model_mask(model, doc: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype):
     """The 4-D mask in the form the model's attention implementation takes."""
     impl = attention_implementation(model)
     if impl not in MASKABLE:
-        raise UserError(f"runner.data.packing / prefix_sharing need sdpa or eager attention, but the model uses "
-                        f"{impl!r}: set the model's attn_implementation to sdpa, or turn packing off")
+        raise UserError(f"runner.data.packing / prefix_sharing need sdpa, eager or flex_attention, but the model "
+                        f"uses {impl!r}: set runner.attention to auto, or turn packing and prefix sharing off")
+    if impl == "flex_attention":
+        return flex_block_mask(doc, branch)
     allowed = block_causal_mask(doc, branch)
     if impl == "sdpa":
         return allowed

@@ -108,6 +108,9 @@ def cross_checks(recipe: Recipe, device: str) -> list[tuple[str, str]]:
     # device-specific
     if device == "xla" and recipe.runner.data.padding == "dynamic":
         add("runner.data.padding", "dynamic padding makes a new graph for every shape on xla: use static")
+    if recipe.runner.attention == "flex_attention" and device != "cuda":
+        add("runner.attention", f"flex_attention trains only on cuda (PyTorch's FlexAttention has no backward on "
+                                f"cpu, and xla uses eager): use auto on {device}")
     pd = recipe.runner.prepare_data
     if pd is not None and pd.format == "fields" and not pd.fields:
         add("runner.prepare_data.fields", "format: fields needs a mapping, e.g. {prompt: question, chosen: good, rejected: bad}")

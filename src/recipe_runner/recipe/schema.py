@@ -207,6 +207,9 @@ class Runner(Strict):
     prepare_data: Optional[PrepareData] = None
     convert_checkpoint: Optional[ConvertCheckpoint] = None
     data: RunnerData = RunnerData()
+    attention: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
+        "auto", description="attention implementation. auto: flex_attention on cuda with packing (skips masked "
+                            "tiles), eager on xla, sdpa otherwise. flex_attention trains only on cuda")
 
 
 # --------------------------------------------------------------------------- the recipe

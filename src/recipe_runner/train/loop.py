@@ -25,7 +25,7 @@ from recipe_runner.data.dataset import load_tokenized, load_tokenizer
 from recipe_runner.data.tokenize import pad_token_id
 from recipe_runner.errors import UserError
 from recipe_runner.model.build import build_model, fingerprint
-from recipe_runner.model.attention import packed_pair_logprobs
+from recipe_runner.model.attention import choose_attention, packed_pair_logprobs, set_attention
 from recipe_runner.model.logprobs import sequence_logprobs
 from recipe_runner.model.losses import dpo_loss, orpo_loss
 from recipe_runner.recipe.checks import not_used_on
@@ -154,6 +154,7 @@ class Trainer:
     def _build_model(self) -> torch.nn.Module:
         """The policy on the device (a seam: tensor parallelism builds a parallel model)."""
         model = build_model(self.r, trust_remote_code=self.r.runner.trust_remote_code)
+        set_attention(model, choose_attention(self.r.runner.attention, self.device_name, self.packing))
         return model.to(device=self.device, dtype=param_dtype(self.device_name, self.r.precision.type))
 
     def _build_optimizer(self) -> torch.optim.Optimizer:

@@ -1,8 +1,13 @@
 """The optimizer named by a recipe's `model.optim.name`, with NxDT's weight-decay grouping.
 
-Precision: the training loop keeps parameters in fp32 and runs bf16 compute under autocast, so
-torch's optimizer state (exp_avg, exp_avg_sq) is fp32 as well -- what NxDT's
-`adamw_fp32OptState` exists to guarantee when its parameters are bf16.
+Precision: torch keeps the optimizer state (exp_avg, exp_avg_sq) in the parameters' dtype. By
+default the training loop's parameters are fp32 (bf16 compute under autocast), so the state is
+fp32 -- what NxDT's `adamw_fp32OptState` exists to guarantee when its parameters are bf16. With
+`precision.type: bf16SR` on an accelerator the parameters, and so the state, are bf16 (see
+train/loop.py param_dtype).
+
+On CUDA the fused kernel runs the update (as transformers' default `adamw_torch_fused`): the
+foreach path would hold temporaries the size of the state, ~15 GiB more peak for an 8B model.
 """
 
 from __future__ import annotations
@@ -76,4 +81,6 @@ def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, weight_deca
     cls = {"adamw_fp32OptState": NxdtAdamW, "adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[name]
     groups = param_groups(model, weight_decay, exclude_norm_weights)
     eps = DEFAULT_EPS[name] if eps is None else eps
-    return cls(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, capturable=capturable)
+    fused = {"fused": True} if all(p.is_cuda for g in groups for p in g["params"]) and not capturable else {}
+    return cls(groups, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, capturable=capturable,
+               **fused)
