@@ -39,3 +39,12 @@ def test_missing_starting_checkpoint_is_a_user_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="neither a Hugging Face model"):
         checkpoint_kind(str(tmp_path / "empty"))
+
+
+def test_random_init_is_made_in_the_requested_dtype_and_checkpoints_load_in_fp32(capsys):
+    random = build_model(load_recipe(TINY, ["exp_manager.resume_from_checkpoint=null"]), init_dtype=torch.bfloat16)
+    assert {p.dtype for p in random.parameters()} == {torch.bfloat16}
+    assert "random weights" in capsys.readouterr().out
+    assert torch.get_default_dtype() == torch.float32  # restored
+    loaded = build_model(load_recipe(TINY), init_dtype=torch.bfloat16)  # the init dtype is for random init only
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}

@@ -9,6 +9,7 @@ NxDT.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -59,8 +60,24 @@ def checkpoint_kind(path: str | None) -> str | None:
                     f"`recipe-runner fetch` / `recipe-runner convert-checkpoint` first, or fix the path.")
 
 
-def build_model(recipe, *, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The policy in fp32 on the CPU (the training loop moves it to its device)."""
+@contextlib.contextmanager
+def _created_on(device, dtype: torch.dtype):
+    """New tensors on `device` in `dtype` (random init straight on the accelerator)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def build_model(recipe, *, trust_remote_code: bool = False, init_device="cpu",
+                init_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The policy, loaded in fp32 on the CPU (the training loop moves it to its device). A random
+    init (no starting checkpoint: benchmarks, smoke runs) is made on `init_device` in `init_dtype`
+    directly: drawing 8B normal samples on one CPU thread and holding 32 GB of fp32 weights
+    only to convert them would take minutes of a GPU lease."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -78,9 +95,11 @@ def build_model(recipe, *, trust_remote_code: bool = False) -> torch.nn.Module:
         load_model(model, str(Path(start) / "model.safetensors"), strict=True)
     elif kind == "hf":
         model = AutoModelForCausalLM.from_pretrained(start, config=config, trust_remote_code=trust_remote_code,
-                                                     **_fp32())
+                                                     **_dtype(torch.float32))
     else:
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+        device, dtype = (init_device, init_dtype) if kind is None else ("cpu", torch.float32)
+        with _created_on(device, dtype):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, **_dtype(dtype))
         if kind == "nxd":
             from recipe_runner.prepare.convert import load_nxd_as_hf_state_dict
 
@@ -100,12 +119,13 @@ def build_model(recipe, *, trust_remote_code: bool = False) -> torch.nn.Module:
     return model
 
 
-def _fp32() -> dict:
-    """transformers >= 4.56 calls it `dtype` (and 5.x defaults to "auto"); older ones `torch_dtype`."""
+def _dtype(dtype: torch.dtype) -> dict:
+    """transformers >= 4.56 calls it `dtype` (and 5.x defaults to "auto", or config.json's
+    torch_dtype); older ones `torch_dtype`."""
     import transformers
 
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
-    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": torch.float32}
+    return {"dtype" if (major, minor) >= (4, 56) else "torch_dtype": dtype}
 
 
 def fingerprint(path: str | None, extra: str = "") -> str:

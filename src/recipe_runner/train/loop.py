@@ -153,9 +153,11 @@ class Trainer:
 
     def _build_model(self) -> torch.nn.Module:
         """The policy on the device (a seam: tensor parallelism builds a parallel model)."""
-        model = build_model(self.r, trust_remote_code=self.r.runner.trust_remote_code)
+        dtype = param_dtype(self.device_name, self.r.precision.type)
+        model = build_model(self.r, trust_remote_code=self.r.runner.trust_remote_code,
+                            init_device=self.device if self.device.type == "cuda" else "cpu", init_dtype=dtype)
         set_attention(model, choose_attention(self.r.runner.attention, self.device_name, self.packing))
-        return model.to(device=self.device, dtype=param_dtype(self.device_name, self.r.precision.type))
+        return model.to(device=self.device, dtype=dtype)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW per the recipe (a seam: NxD wraps it for ZeRO-1)."""
