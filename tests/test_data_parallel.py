@@ -82,6 +82,7 @@ def _train(run_dir: Path, *extra: str, procs: int = 1) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert ("DistributedDataParallel (gloo)" in res.stdout + res.stderr) == (procs > 1)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -90,10 +91,12 @@ def one_process(tmp_path_factory):
     return _train(tmp_path_factory.mktemp("dp") / "one")
 
 
-@pytest.mark.parametrize("layout", [[], ["runner.data.packing=true", "runner.data.prefix_sharing=true"]],
-                         ids=["rows", "packed-shared"])
+@pytest.mark.parametrize("layout", [[], ["runner.data.packing=true", "runner.data.prefix_sharing=true"],
+                                    ["data.micro_batch_size=4"]],
+                         ids=["rows", "packed-shared", "rows-accumulating"])
 def test_two_processes_match_one_with_double_accumulation(tmp_path, layout, one_process):
-    # global batch 16, micro-batch 8: one process accumulates 2 micro-batches, each of 2 ranks 1
+    # global batch 16, micro-batch 8: one process accumulates 2 micro-batches, each of 2 ranks 1;
+    # with micro-batch 4 each rank accumulates 2 too (DDP's no_sync, then one all-reduce)
     one = one_process
     two = _train(tmp_path / "two", *layout, procs=2)
     assert [(m["step"], sorted(m)) for m in one] == [(m["step"], sorted(m)) for m in two]

@@ -127,6 +127,9 @@ class XlaTrainer(Trainer):
         use_eager_attention(self.model)
         super()._setup_reference(tok)
 
+    def _data_parallel(self):
+        return None  # replicas average gradients with xm.reduce_gradients (_optimizer_step)
+
     def setup(self) -> None:
         super().setup()
         install_xla_checkpointing(self.model)  # bf16SR weights are already bf16 (Trainer._build_model)

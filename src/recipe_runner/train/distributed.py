@@ -1,8 +1,9 @@
 """torch.distributed plumbing for data parallelism (gloo on CPU, nccl on CUDA).
 
 A plain `recipe-runner train` is one process; under `torchrun` each process is a data-parallel
-rank. Gradients are averaged with DistributedDataParallel-free all-reduces after accumulation,
-which keeps the accumulate-then-step loop identical in both cases.
+rank and the policy's forward runs through DistributedDataParallel (`data_parallel` below): its
+reducer all-reduces gradient buckets while backward is still running, once per optimizer step
+(the loop's other micro-batches accumulate under `no_sync`).
 """
 
 from __future__ import annotations
@@ -43,14 +44,31 @@ def all_reduce_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
-def average_gradients(params, d: Dist) -> None:
-    """Mean of the ranks' gradients: each rank's loss is already scaled by its share of the
-    global batch, so the SUM over ranks is the global-batch mean."""
+class PolicyCall(torch.nn.Module):
+    """The policy's whole per-sequence log-prob computation as one module call (decoder body,
+    then the chunked LM head that reads the head's weight directly), so that
+    DistributedDataParallel sees every parameter used inside its forward."""
+
+    def __init__(self, model: torch.nn.Module, fn):
+        super().__init__()
+        self.model = model  # registered: DDP finds and synchronises its parameters
+        self._fn = fn
+
+    def forward(self, examples):
+        return self._fn(examples)
+
+
+def data_parallel(model: torch.nn.Module, fn, d: Dist, device: torch.device):
+    """DDP over PolicyCall(model, fn), or None for one process. Gradients are averaged over
+    ranks (so each rank's loss is its own mean); parameters are broadcast from rank 0 at
+    construction; buffers (rotary tables) are not re-broadcast every forward; gradients live
+    in the communication buckets (no second copy)."""
     if d.world == 1:
-        return
-    for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(PolicyCall(model, fn), device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 def barrier(d: Dist) -> None:

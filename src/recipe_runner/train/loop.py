@@ -31,7 +31,7 @@ from recipe_runner.model.losses import dpo_loss, orpo_loss
 from recipe_runner.recipe.checks import not_used_on
 from recipe_runner.train import checkpoint as ckpt
 from recipe_runner.train import reference
-from recipe_runner.train.distributed import all_reduce_sum, average_gradients, barrier, init_distributed, shutdown
+from recipe_runner.train.distributed import all_reduce_sum, barrier, data_parallel, init_distributed, shutdown
 from recipe_runner.train.metrics import MetricsLogger, say
 from recipe_runner.train.optim import build_optimizer
 from recipe_runner.train.provenance import resolve_run_dir, write_provenance
@@ -93,6 +93,7 @@ class Trainer:
         self.packing = bool(getattr(recipe.runner.data, "packing", False))
         self.sharing = bool(getattr(recipe.runner.data, "prefix_sharing", False))
         self.pack_width = 2 * d.seq_length
+        self.ddp = None  # DistributedDataParallel over the policy call under torchrun (setup)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -131,6 +132,10 @@ class Trainer:
 
         self.model = self._build_model()
         self.model.train()
+        self.ddp = self._data_parallel()
+        if self.ddp is not None:
+            say(f"data parallel: {self.dist.world} processes, DistributedDataParallel "
+                f"({torch.distributed.get_backend()})", self.main)
         self.start_fp = fingerprint(r.exp_manager.resume_from_checkpoint, extra=r.model.model_config_path)
         self._setup_reference(tok)
         o = r.model.optim
@@ -158,6 +163,10 @@ class Trainer:
                             init_device=self.device if self.device.type == "cuda" else "cpu", init_dtype=dtype)
         set_attention(model, choose_attention(self.r.runner.attention, self.device_name, self.packing))
         return model.to(device=self.device, dtype=dtype)
+
+    def _data_parallel(self):
+        """DDP over the policy's log-prob call under torchrun (a seam: XLA reduces gradients itself)."""
+        return data_parallel(self.model, self.policy_logprobs, self.dist, self.device)
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         """AdamW per the recipe (a seam: NxD wraps it for ZeRO-1)."""
@@ -243,7 +252,8 @@ class Trainer:
     def pair_metrics(self, examples: list[dict], split: str) -> dict[str, torch.Tensor]:
         """Per-pair losses and metrics for a micro-batch (the graph is kept for backward)."""
         b, al = len(examples), self.r.alignment
-        lp = self.policy_logprobs(examples)
+        grads = self.ddp is not None and torch.is_grad_enabled()
+        lp = self.ddp(examples) if grads else self.policy_logprobs(examples)
         pc, pr = lp["sums"][:b], lp["sums"][b:]
         lc, lr = lp["counts"][:b].float(), lp["counts"][b:].float()
         if self.r.algorithm == "dpo":
@@ -303,13 +313,17 @@ class Trainer:
 
     def train_step(self, step: int) -> dict[str, float]:
         examples = self.global_batch(step)
+        chunks = self.micro_batches(examples)
         parts = []
-        for chunk in self.micro_batches(examples):
-            out = self.pair_metrics(chunk, "train")
-            (out["loss"].sum() / self.gbs).backward()
+        for i, chunk in enumerate(chunks):
+            # DDP all-reduces in the last micro-batch's backward only; it averages over ranks, so
+            # each rank's loss is the mean over its own pairs (one process: the global batch)
+            last = self.ddp is None or i == len(chunks) - 1
+            with contextlib.nullcontext() if last else self.ddp.no_sync():
+                out = self.pair_metrics(chunk, "train")
+                (out["loss"].sum() / self.local_batch).backward()
             parts.append(out)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        average_gradients(params, self.dist)
         clip = self.r.trainer.gradient_clip_val
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
