@@ -172,3 +172,32 @@ def test_group_pairs_fills_rows_and_keeps_order():
     assert len(groups) < 12 / 2  # unpacked, 4 rows hold 2 pairs per forward
     with pytest.raises(ValueError, match="does not fit"):
         pack_pairs(ex, pad_id=PAD, width=10, share_prefix=False)
+
+
+def test_group_pairs_caps_pairs_per_forward():
+    ex = make_examples(12, 97, seed=5, max_len=12)  # short: many fit a row
+    free = group_pairs(ex, max_rows=2, width=96, share_prefix=True)
+    capped = group_pairs(ex, max_rows=2, width=96, share_prefix=True, max_pairs=3)
+    assert max(len(g) for g in free) > 3 and [len(g) for g in capped] == [3, 3, 3, 3]
+    assert [e["id"] for g in capped for e in g] == [e["id"] for e in ex]
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+def test_fixed_pair_slots_leave_padding_slots_empty(share_prefix):
+    """Static shapes: num_pairs > len(examples) gives every forward the same outputs; the real
+    pairs' sums are those of the unpadded layout, the empty slots score nothing."""
+    model = random_model("sdpa")
+    ex = make_examples(3, 97, seed=6, max_len=30)
+    plain = pack_pairs(ex, pad_id=PAD, width=64, share_prefix=share_prefix)
+    slots = pack_pairs(ex, pad_id=PAD, width=64, share_prefix=share_prefix, num_rows=4, trim=False, num_pairs=5)
+    assert int(slots["num_pairs"]) == 5 and tuple(slots["input_ids"].shape) == (4, 64)
+    with torch.no_grad():
+        a = packed_pair_logprobs(model, plain, device="cpu", full_chosen=True)
+        b = packed_pair_logprobs(model, slots, device="cpu", static_shapes=True, full_chosen=True)
+    real = [0, 1, 2, 5, 6, 7]  # chosen 0..2 and rejected 5..7 of 10 slots
+    torch.testing.assert_close(b["sums"][real], a["sums"], atol=1e-4, rtol=1e-5)
+    assert torch.equal(b["counts"][real], a["counts"])
+    assert b["counts"][[3, 4, 8, 9]].tolist() == [0, 0, 0, 0] and b["sums"][[3, 4, 8, 9]].tolist() == [0.0] * 4
+    torch.testing.assert_close(b["full_sums"][:3], a["full_sums"], atol=1e-4, rtol=1e-5)
+    empty = pack_pairs([], pad_id=PAD, width=64, share_prefix=share_prefix, num_rows=2, trim=False, num_pairs=2)
+    assert empty["attention_mask"].sum() == 0 and tuple(empty["input_ids"].shape) == (2, 64)

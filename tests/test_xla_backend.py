@@ -53,7 +53,12 @@ def read_metrics(run_dir):
 
 
 class Probe(XlaTrainer):
-    """Records compilations, CPU fallbacks and scalar reads made inside each train_step."""
+    """Records compilations, CPU fallbacks and scalar reads made inside each train_step, and the
+    real pairs of each packed forward."""
+
+    def _pack(self, examples):
+        self.forwards.append(sum(not e.get("padding") for e in examples))
+        return super()._pack(examples)
 
     def train_step(self, step):
         compiles = met.metric_data("CompileTime")[0] if met.metric_data("CompileTime") else 0
@@ -65,18 +70,28 @@ class Probe(XlaTrainer):
         return vals
 
 
-@pytest.mark.parametrize("algo", ["dpo", "orpo"])
-def test_xla_matches_cpu_with_bounded_graphs(tmp_path, algo):
+PACKED = ["runner.data.packing=true", "runner.data.prefix_sharing=true"]
+
+
+@pytest.mark.parametrize("algo,layout", [("dpo", []), ("orpo", []), ("dpo", PACKED), ("orpo", PACKED)],
+                         ids=["dpo", "orpo", "dpo-packed-shared", "orpo-packed-shared"])
+def test_xla_matches_cpu_with_bounded_graphs(tmp_path, algo, layout):
+    """Packed: micro_batch_size rows of 2 x seq_length and a fixed number of pair slots per
+    forward (unused slots weigh 0), so one graph serves every forward whatever the lengths."""
     recipe_file = os.path.join(RECIPES, f"tiny-{algo}.yaml")
     cpu_dir, xla_dir = tmp_path / "cpu", tmp_path / "xla"
-    Trainer(load_recipe(recipe_file, overrides(cpu_dir, "cpu", algo)), "cpu").run()
+    Trainer(load_recipe(recipe_file, overrides(cpu_dir, "cpu", algo) + layout), "cpu").run()
 
     met.clear_all()
-    probe = Probe(load_recipe(recipe_file, overrides(xla_dir, "xla", algo)))
+    probe = Probe(load_recipe(recipe_file, overrides(xla_dir, "xla", algo) + layout))
     probe.per_step = []
+    probe.forwards = []
     probe.run()
     total_graphs = met.metric_data("CompileTime")[0]
-    print(f"\n{algo}: graphs compiled for the whole run: {total_graphs}; per train step: {[c for c, _ in probe.per_step]}")
+    print(f"\n{algo} {layout}: graphs compiled for the whole run: {total_graphs}; "
+          f"per train step: {[c for c, _ in probe.per_step]}; pairs per forward: {probe.forwards}")
+    if layout:  # it packed: fewer forwards than unpacked micro-batches, several pairs in each
+        assert max(probe.forwards) > probe.mbs
 
     cpu, xla = read_metrics(cpu_dir), read_metrics(xla_dir)
     assert [r["step"] for r in cpu] == [r["step"] for r in xla]

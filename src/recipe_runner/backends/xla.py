@@ -90,13 +90,14 @@ class _Feed:
 
 
 def pad_to_multiple(examples: list[dict], size: int, count: int | None = None) -> tuple[list[dict], list[float]]:
-    """Examples padded with repeats of the last one to `count` (default: the next multiple of
-    size), and weights 1 for real pairs, 0 for the repeats."""
+    """Examples padded with copies of the last one, flagged `padding` (packing gives them no
+    tokens), to `count` (default: the next multiple of size), and weights 1 for real pairs, 0
+    for the copies."""
     n = len(examples)
     count = count if count is not None else -(-n // size) * size
     if n == 0:
         return [], []
-    return examples + examples[-1:] * (count - n), [1.0] * n + [0.0] * (count - n)
+    return examples + [dict(examples[-1], padding=True)] * (count - n), [1.0] * n + [0.0] * (count - n)
 
 
 class XlaTrainer(Trainer):
@@ -155,14 +156,21 @@ class XlaTrainer(Trainer):
     def train_step(self, step: int) -> dict[str, float]:
         tx, xm = self._tx, self._xm
         examples = self.global_batch(step)
-        chunks = [examples[s:s + self.mbs] for s in range(0, len(examples), self.mbs)]
-        self._open_feed(chunks)
+        if self.packing:  # as many pairs as fill micro_batch_size rows, in a fixed number of slots
+            forwards = [pad_to_multiple(g, self.pairs_per_forward, count=self.pairs_per_forward)
+                        for g in self.micro_batches(examples)]
+        else:
+            forwards = [(examples[s:s + self.mbs], None) for s in range(0, len(examples), self.mbs)]
+        if not (self.packing or self.sharing):  # packed rows are built per forward, not fed
+            self._open_feed([chunk for chunk, _ in forwards])
         acc = None
-        for chunk in chunks:
+        for chunk, weights in forwards:
+            w = None if weights is None else torch.tensor(weights, device=self.device)
             out = self.pair_metrics(chunk, "train")
+            loss = out["loss"] if w is None else out["loss"] * w
             # xm.reduce_gradients averages over replicas: scale by this rank's share
-            (out["loss"].sum() / self.local_batch).backward()
-            vec = self._metric_vector(out)
+            (loss.sum() / self.local_batch).backward()
+            vec = self._metric_vector(out, w)
             acc = vec if acc is None else acc + vec
             tx.sync()  # graph: one micro-batch forward + backward
         self._loader = None
@@ -205,7 +213,8 @@ class XlaTrainer(Trainer):
         per_rank = -(-len(examples) // w)
         mine, weights = pad_to_multiple(examples[self.dist.rank::w], self.mbs, -(-per_rank // self.mbs) * self.mbs)
         chunks = [mine[s:s + self.mbs] for s in range(0, len(mine), self.mbs)]
-        self._open_feed(chunks)
+        if not (self.packing or self.sharing):
+            self._open_feed(chunks)
         acc = torch.zeros(len(self.keys) + 1, device=self.device)
         for i, chunk in enumerate(chunks):
             weight = torch.tensor(weights[i * self.mbs:(i + 1) * self.mbs], device=self.device)

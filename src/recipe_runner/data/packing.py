@@ -31,6 +31,10 @@ import torch
 from recipe_runner.data.tokenize import IGNORE_INDEX
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2
+# Static shapes (XLA): a packed forward has micro_batch_size rows and always this many pair slots
+# per row, unused slots weighing 0. Slots are cheap (a few numbers each), so the cap is set above
+# what real data fills: orca-like pairs (~600 shared tokens) fit ~13 to a row of 2 x 4096.
+MAX_PAIRS_PER_ROW = 16
 
 
 def _prompt_length(labels) -> int:
@@ -53,9 +57,10 @@ def shared_prefix_length(example: dict) -> int:
     return max(0, min(common, limit))
 
 
-def _units(examples: list[dict], width: int, share_prefix: bool) -> list[list[tuple]]:
-    """Each unit is a list of blocks (tokens, labels, first position, branch, output index)."""
-    b = len(examples)
+def _units(examples: list[dict], width: int, share_prefix: bool, num_pairs: int | None = None) -> list[list[tuple]]:
+    """Each unit is a list of blocks (tokens, labels, first position, branch, output index);
+    rejected outputs start at num_pairs (default: the number of examples)."""
+    b = len(examples) if num_pairs is None else num_pairs
     units = []
     for i, e in enumerate(examples):
         ci, cl, ri, rl = e["chosen_input_ids"], e["chosen_labels"], e["rejected_input_ids"], e["rejected_labels"]
@@ -97,17 +102,20 @@ def rows_needed(examples: list[dict], *, width: int, share_prefix: bool) -> int:
     return len(first_fit([_unit_len(u) for u in units], width))
 
 
-def group_pairs(examples: list[dict], *, max_rows: int, width: int, share_prefix: bool) -> list[list[dict]]:
+def group_pairs(examples: list[dict], *, max_rows: int, width: int, share_prefix: bool,
+                max_pairs: int | None = None) -> list[list[dict]]:
     """Split examples (in order) into forward passes that each pack into at most max_rows rows.
 
     Pairs are added to the current group while they still fit, so a forward holds as many pairs
-    as its rows allow (memory stays that of max_rows x width tokens, the unpacked micro-batch).
+    as its rows allow (memory stays that of max_rows x width tokens, the unpacked micro-batch),
+    and at most max_pairs of them (static shapes: every forward has the same number of outputs).
     """
     groups: list[list[dict]] = []
     current: list[dict] = []
     for e in examples:
         trial = current + [e]
-        if current and rows_needed(trial, width=width, share_prefix=share_prefix) > max_rows:
+        full = max_pairs is not None and len(current) >= max_pairs
+        if current and (full or rows_needed(trial, width=width, share_prefix=share_prefix) > max_rows):
             groups.append(current)
             trial = [e]
         current = trial
@@ -117,30 +125,34 @@ def group_pairs(examples: list[dict], *, max_rows: int, width: int, share_prefix
 
 
 def pack_pairs(examples: list[dict], *, pad_id: int, width: int, share_prefix: bool, pack: bool = True,
-               num_rows: int | None = None, trim: bool = True) -> dict[str, torch.Tensor]:
+               num_rows: int | None = None, trim: bool = True, num_pairs: int | None = None) -> dict[str, torch.Tensor]:
     """Packed rows for a micro-batch of pairs.
 
     Returns input_ids, position_ids, labels (response tokens, -100 elsewhere), full_labels (the
     chosen sequence's prompt and answer tokens, for ORPO's sequence-scope NLL), segments (output
     index of each position), doc (unit per position, -1 on padding), branch ([R, W] each),
     attention_mask ([R, W], 1 on real tokens) and the pair count. num_rows pads (or checks) the
-    row count, trim=False keeps the full width: both give compilers one shape. pack=False puts
-    each pair in its own row (prefix sharing without packing).
+    row count, trim=False keeps the full width, num_pairs >= len(examples) fixes the number of
+    outputs (pairs past the examples get no tokens, so sums and counts 0): all three give compilers
+    one shape. pack=False puts each pair in its own row (prefix sharing without packing).
     """
-    if not examples:
+    if not examples and not num_pairs:
         raise ValueError("pack_pairs needs at least one example")
-    units = _units(examples, width, share_prefix)
+    num_pairs = len(examples) if num_pairs is None else num_pairs
+    if num_pairs < len(examples):
+        raise ValueError(f"num_pairs {num_pairs} is fewer than the {len(examples)} examples")
+    units = _units(examples, width, share_prefix, num_pairs)
     if pack:
         bins = first_fit([_unit_len(u) for u in units], width)
     else:  # one pair per row (both of its units when it could not share)
-        pair_of = [u[0][4] % len(examples) for u in units]
+        pair_of = [u[0][4] % num_pairs for u in units]
         bins = [[k for k in range(len(units)) if pair_of[k] == i] for i in range(len(examples))]
     rows = len(bins)
     if num_rows is not None:
         if rows > num_rows:
             raise ValueError(f"{len(examples)} pairs need {rows} packed rows, more than {num_rows}")
         rows = num_rows
-    used = max(sum(_unit_len(units[k]) for k in b) for b in bins)
+    used = max((sum(_unit_len(units[k]) for k in b) for b in bins), default=1)
     w = used if trim else width
     t = {k: torch.full((rows, w), v, dtype=torch.long) for k, v in
          (("input_ids", pad_id), ("position_ids", 0), ("labels", IGNORE_INDEX), ("full_labels", IGNORE_INDEX),
@@ -165,5 +177,5 @@ def pack_pairs(examples: list[dict], *, pad_id: int, width: int, share_prefix: b
                 t["branch"][r, sl] = branch
                 t["attention_mask"][r, sl] = 1
                 col += n
-    t["num_pairs"] = torch.tensor(len(examples))
+    t["num_pairs"] = torch.tensor(num_pairs)
     return t

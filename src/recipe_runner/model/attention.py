@@ -112,7 +112,7 @@ def packed_pair_logprobs(model, batch: dict[str, torch.Tensor], *, device, stati
     seg = batch["segments"].to(device)
     sums, counts = sequence_logprobs(hidden, weight, batch["labels"].to(device), static_shapes=static_shapes,
                                      segments=seg, num_segments=2 * b)
-    out = {"sums": sums, "counts": counts, "tokens": batch["attention_mask"].sum()}
+    out = {"sums": sums, "counts": counts, "tokens": batch["attention_mask"].sum().to(device)}
     if full_chosen:
         fs, fc = sequence_logprobs(hidden, weight, batch["full_labels"].to(device), static_shapes=static_shapes,
                                    segments=seg, num_segments=2 * b)

@@ -20,7 +20,7 @@ import torch
 
 from recipe_runner.data.batches import collate_pairs
 from recipe_runner.data.cache import cache_key
-from recipe_runner.data.packing import group_pairs, pack_pairs
+from recipe_runner.data.packing import MAX_PAIRS_PER_ROW, group_pairs, pack_pairs
 from recipe_runner.data.dataset import load_tokenized, load_tokenizer
 from recipe_runner.data.tokenize import pad_token_id
 from recipe_runner.errors import UserError
@@ -93,6 +93,7 @@ class Trainer:
         self.packing = bool(getattr(recipe.runner.data, "packing", False))
         self.sharing = bool(getattr(recipe.runner.data, "prefix_sharing", False))
         self.pack_width = 2 * d.seq_length
+        self.pairs_per_forward = self.mbs * MAX_PAIRS_PER_ROW  # static shapes only
         self.ddp = None  # DistributedDataParallel over the policy call under torchrun (setup)
 
     # ------------------------------------------------------------------ setup
@@ -222,7 +223,7 @@ class Trainer:
             with self.autocast():
                 lp = packed_pair_logprobs(self.model, packed, device=self.device, static_shapes=self.static,
                                           full_chosen=full_scope)
-            return {**lp, "packed": packed, "tokens": packed["attention_mask"].sum()}
+            return {**lp, "packed": packed}
         ids, mask, labels = self.device_batch(examples)
         with self.autocast():
             hidden = self.model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -255,14 +256,15 @@ class Trainer:
         grads = self.ddp is not None and torch.is_grad_enabled()
         lp = self.ddp(examples) if grads else self.policy_logprobs(examples)
         pc, pr = lp["sums"][:b], lp["sums"][b:]
-        lc, lr = lp["counts"][:b].float(), lp["counts"][b:].float()
+        # counts >= 1: a padding pair (xla, weight 0) scores no token, and 0/0 would poison sums
+        lc, lr = lp["counts"][:b].float().clamp(min=1), lp["counts"][b:].float().clamp(min=1)
         if self.r.algorithm == "dpo":
             rc, rr = self.reference_logprobs(examples, split, lp.get("packed"))
             out = dpo_loss(pc, pr, rc, rr, beta=al.kl_beta, loss_type=al.loss_type,
                            label_smoothing=al.label_smoothing, chosen_lengths=lc, rejected_lengths=lr)
         else:
             mc, mr = pc / lc, pr / lr
-            nll = -lp["full_sums"] / lp["full_counts"].float() if "full_sums" in lp else -mc  # NxDT: response only
+            nll = -lp["full_sums"] / lp["full_counts"].float().clamp(min=1) if "full_sums" in lp else -mc  # NxDT: response only
             out = orpo_loss(mc, mr, nll, beta=al.beta)
         out["reward_margin"] = out["chosen_rewards"] - out["rejected_rewards"]
         # a margin inside fp32 rounding of the sums (their last bits depend on the batch's padding
@@ -274,17 +276,22 @@ class Trainer:
         return out
 
     def _pack(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        """Packed rows of a forward's pairs; XLA always gets micro_batch_size full-width rows."""
+        """Packed rows of a forward's pairs; XLA always gets micro_batch_size full-width rows.
+        Padding pairs (weight 0, flagged by the xla backend, always last) keep their output slots
+        but take no tokens."""
+        real = [e for e in examples if not e.get("padding")]
+        assert all(not e.get("padding") for e in examples[:len(real)]), "padding pairs come last"
         rows = self.mbs if self.static else None
-        return pack_pairs(examples, pad_id=self.pad_id, width=self.pack_width, share_prefix=self.sharing,
-                          pack=self.packing, num_rows=rows, trim=not self.static)
+        return pack_pairs(real, pad_id=self.pad_id, width=self.pack_width, share_prefix=self.sharing,
+                          pack=self.packing, num_rows=rows, trim=not self.static, num_pairs=len(examples))
 
     def micro_batches(self, examples: list[dict]) -> list[list[dict]]:
         """The pairs of each forward: micro_batch_size of them, or with packing as many as fill
         micro_batch_size rows of 2 x seq_length (the unpacked micro-batch's tokens)."""
         if not self.packing:
             return [examples[s:s + self.mbs] for s in range(0, len(examples), self.mbs)]
-        return group_pairs(examples, max_rows=self.mbs, width=self.pack_width, share_prefix=self.sharing)
+        return group_pairs(examples, max_rows=self.mbs, width=self.pack_width, share_prefix=self.sharing,
+                           max_pairs=self.pairs_per_forward if self.static else None)
 
     def _summed(self, parts: list[dict], n_pairs: int) -> dict[str, float]:
         """Average per-pair metrics over the pairs of all ranks (the whole global batch)."""
