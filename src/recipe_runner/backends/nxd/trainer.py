@@ -84,6 +84,9 @@ class NxdTrainer(XlaTrainer):
         from recipe_runner.train.loop import METRIC_KEYS, ORPO_KEYS
 
         self.keys = METRIC_KEYS + (ORPO_KEYS if recipe.algorithm == "orpo" else ())
+        if recipe.runner.data.packing or recipe.runner.data.prefix_sharing:
+            say("runner.data.packing / prefix_sharing: not used with tensor parallelism (the parallel model "
+                "takes no block mask yet); training on padded rows", dist.get_rank() == 0)
         self.packing = self.sharing = False
         self._reducers = None
 
