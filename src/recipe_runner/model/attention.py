@@ -67,7 +67,14 @@ def choose_attention(requested: str, device: str, packing: bool) -> str:
         return requested
     if device == "xla":
         return "eager"
-    return "flex_attention" if device == "cuda" and packing else "sdpa"
+    return "flex_attention" if device == "cuda" and packing and _has_flex() else "sdpa"
+
+
+def _has_flex() -> bool:
+    """FlexAttention arrived in torch 2.5; the dependency floor is 2.4."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
 
 
 def set_attention(model, impl: str) -> None:
