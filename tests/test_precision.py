@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from recipe_runner.train.loop import make_autocast, param_dtype
+from recipe_runner.train.precision import make_autocast, param_dtype
 
 
 @pytest.mark.parametrize("precision", ["fp32", "mixed_precision", "autocast", "bf16SR", "manual"])

@@ -34,28 +34,13 @@ from recipe_runner.train import reference
 from recipe_runner.train.distributed import all_reduce_sum, barrier, data_parallel, init_distributed, shutdown
 from recipe_runner.train.metrics import MetricsLogger, say
 from recipe_runner.train.optim import build_optimizer
+from recipe_runner.train.precision import make_autocast, param_dtype
 from recipe_runner.train.provenance import resolve_run_dir, write_provenance
 from recipe_runner.train.schedulers import build_scheduler
 
 METRIC_KEYS = ("reduced_train_loss", "chosen_rewards", "rejected_rewards", "reward_margin", "reward_accuracy",
                "chosen_logps", "rejected_logps")
 ORPO_KEYS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
-
-
-def make_autocast(device: str, precision: str):
-    """fp32 on CPU; bf16 autocast (fp32 weights and optimizer state) where the device has it.
-    bf16SR keeps the weights themselves in bf16 (see param_dtype), so no autocast is needed."""
-    if device == "cuda" and precision not in ("fp32", "bf16SR"):
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-def param_dtype(device: str, precision: str) -> torch.dtype:
-    """Parameter (and so optimizer-state) dtype. `bf16SR` on an accelerator keeps weights and
-    AdamW state in bf16, as NxDT's bf16SR does on Neuron (where the runtime rounds
-    stochastically) and as TRL's bf16 runs do on GPUs: half the memory of fp32 master weights,
-    which is what lets an 8B model train on one large GPU. The CPU always trains in fp32."""
-    return torch.bfloat16 if device != "cpu" and precision == "bf16SR" else torch.float32
 
 
 @functools.lru_cache(maxsize=2)  # one permutation per epoch, not one per step

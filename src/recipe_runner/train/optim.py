@@ -4,7 +4,7 @@ Precision: torch keeps the optimizer state (exp_avg, exp_avg_sq) in the paramete
 default the training loop's parameters are fp32 (bf16 compute under autocast), so the state is
 fp32 -- what NxDT's `adamw_fp32OptState` exists to guarantee when its parameters are bf16. With
 `precision.type: bf16SR` on an accelerator the parameters, and so the state, are bf16 (see
-train/loop.py param_dtype).
+train/precision.py param_dtype).
 
 On CUDA the fused kernel runs the update (as transformers' default `adamw_torch_fused`): the
 foreach path would hold temporaries the size of the state, ~15 GiB more peak for an 8B model.
