@@ -122,3 +122,63 @@ def test_extreme_logits_stay_finite():
     logits = torch.tensor([[1000.0, -1000.0, 0.0, 999.0]])
     out = vocab_parallel_token_logps(logits, torch.tensor([3]), 0)
     torch.testing.assert_close(out, torch.log_softmax(logits, -1)[:, 3])
+
+
+@pytest.mark.parametrize("tp", [1, 3])
+def test_packed_segments_split_equal_unsplit(tp):
+    """Packed rows under tensor parallelism: per-segment sums of the vocab-split LM head equal the
+    unsplit ones (values and gradients), and packed_pair_logprobs takes the split scorer."""
+    import functools
+
+    from recipe_runner.data.packing import pack_pairs
+    from recipe_runner.model.attention import packed_hidden, packed_pair_logprobs
+    from test_packing import PAD, make_examples, random_model
+
+    V = 96  # NxD splits the vocabulary evenly over tp ranks
+    model = random_model("sdpa", vocab=V)
+    ex = make_examples(4, V, seed=7, max_len=30)
+    batch = pack_pairs(ex, pad_id=PAD, width=96, share_prefix=True, num_rows=2, trim=False, num_pairs=6)
+    seg = dict(segments=batch["segments"], num_segments=12)
+    with torch.no_grad():
+        hidden = packed_hidden(model, batch, "cpu").double()
+    weight, labels = model.get_output_embeddings().weight.detach().double(), batch["labels"]
+    g = torch.randn(12, dtype=torch.float64)
+    h_ref, w_ref = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+    ref_sums, ref_counts = sequence_logprobs(h_ref, w_ref, labels, static_shapes=True, chunk_size=16, **seg)
+    (ref_sums * g).sum().backward()
+
+    def rank(r, reduce_max, reduce_sum):
+        start, stop = vocab_range(V, tp, r)
+        h, w = hidden.clone().requires_grad_(True), weight[start:stop].clone().requires_grad_(True)
+        sums, counts = vocab_parallel_sequence_logprobs(h, w, labels, start, reduce_max=reduce_max,
+                                                        reduce_sum=reduce_sum, chunk_size=16, **seg)
+        (sums * g).sum().backward()
+        return sums.detach(), counts, h.grad, w.grad
+
+    out = run_ranks(tp, rank)
+    for sums, counts, _, _ in out:
+        torch.testing.assert_close(sums.float(), ref_sums.detach(), **FP32)
+        assert torch.equal(counts, ref_counts)
+    assert ref_counts[[4, 5, 10, 11]].tolist() == [0, 0, 0, 0]  # empty pair slots
+    torch.testing.assert_close(torch.cat([o[3] for o in out]), w_ref.grad, **FP32)
+    torch.testing.assert_close(sum(o[2] for o in out), h_ref.grad, **FP32)
+
+    with torch.no_grad():
+        plain = packed_pair_logprobs(model, batch, device="cpu", static_shapes=True)
+        split = packed_pair_logprobs(model, batch, device="cpu",
+                                     logprobs=functools.partial(vocab_parallel_sequence_logprobs, vocab_start=0))
+    torch.testing.assert_close(split["sums"], plain["sums"], **FP32)
+
+
+def test_hand_written_attention_reads_both_mask_forms():
+    """backends/nxd's attention turns model_mask's sdpa (bool) and eager (additive) forms into
+    the same allowed-keys matrix, and falls back to causal."""
+    from recipe_runner.model.attention import allowed_keys, block_causal_mask
+
+    doc = torch.tensor([[0, 0, 1, 1, 1, -1]])
+    branch = torch.tensor([[1, 1, 0, 1, 2, 0]])
+    dense = block_causal_mask(doc, branch)
+    additive = torch.zeros(dense.shape).masked_fill(~dense, torch.finfo(torch.float32).min)
+    assert torch.equal(allowed_keys(dense, 6, "cpu"), dense)
+    assert torch.equal(allowed_keys(additive, 6, "cpu"), dense)
+    assert torch.equal(allowed_keys(None, 4, "cpu"), torch.ones(4, 4, dtype=torch.bool).tril())

@@ -16,6 +16,8 @@ mask and is refused with a clear message.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from recipe_runner.errors import UserError
@@ -53,6 +55,14 @@ def flex_block_mask(doc: torch.Tensor, branch: torch.Tensor):
 
     rows, width = doc.shape
     return create_block_mask(mask_mod, rows, None, width, width, device=doc.device)
+
+
+def allowed_keys(mask: torch.Tensor | None, s: int, device) -> torch.Tensor:
+    """Boolean where a query may attend, for an attention written by hand (backends/nxd): causal
+    without a mask, else model_mask's 4-D form (bool, or additive float with 0 = allowed)."""
+    if mask is None:
+        return torch.ones(s, s, dtype=torch.bool, device=device).tril()
+    return mask if mask.dtype == torch.bool else mask == 0
 
 
 def attention_implementation(model) -> str:
@@ -110,18 +120,20 @@ def packed_hidden(model, batch: dict[str, torch.Tensor], device, dtype: torch.dt
 
 
 def packed_pair_logprobs(model, batch: dict[str, torch.Tensor], *, device, static_shapes: bool = False,
-                         full_chosen: bool = False) -> dict[str, torch.Tensor]:
+                         full_chosen: bool = False, logprobs=None) -> dict[str, torch.Tensor]:
     """Per-sequence log-prob sums over packed rows, in collate_pairs order (chosen 0..B-1, then
-    rejected B..2B-1), and for full_chosen the chosen sequences' prompt+answer sums (ORPO NLL)."""
+    rejected B..2B-1), and for full_chosen the chosen sequences' prompt+answer sums (ORPO NLL).
+    `logprobs(hidden, weight, labels, segments=, num_segments=)` scores them: by default
+    model/logprobs.py's function; a tensor-parallel trainer passes its vocab-parallel one."""
+    if logprobs is None:
+        logprobs = functools.partial(sequence_logprobs, static_shapes=static_shapes)
     hidden = packed_hidden(model, batch, device, dtype=next(model.parameters()).dtype)
     weight = model.get_output_embeddings().weight
     b = int(batch["num_pairs"])
     seg = batch["segments"].to(device)
-    sums, counts = sequence_logprobs(hidden, weight, batch["labels"].to(device), static_shapes=static_shapes,
-                                     segments=seg, num_segments=2 * b)
+    sums, counts = logprobs(hidden, weight, batch["labels"].to(device), segments=seg, num_segments=2 * b)
     out = {"sums": sums, "counts": counts, "tokens": batch["attention_mask"].sum().to(device)}
     if full_chosen:
-        fs, fc = sequence_logprobs(hidden, weight, batch["full_labels"].to(device), static_shapes=static_shapes,
-                                   segments=seg, num_segments=2 * b)
+        fs, fc = logprobs(hidden, weight, batch["full_labels"].to(device), segments=seg, num_segments=2 * b)
         out["full_sums"], out["full_counts"] = fs[:b], fc[:b]
     return out

@@ -55,13 +55,7 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if static_shapes:
         parts = [run(hidden[:, s:s + chunk_size].reshape(-1, h), labels[:, s:s + chunk_size].reshape(-1))
                  .view(n, -1) for s in range(0, t - 1, chunk_size)]
-        token_logps = torch.cat(parts, dim=1) * mask
-        if segments is not None:
-            seg = segments[:, 1:].reshape(-1)
-            sums = torch.zeros(num_segments, dtype=torch.float32, device=hidden.device)
-            counts = torch.zeros(num_segments, dtype=torch.long, device=hidden.device)
-            return sums.index_add(0, seg, token_logps.reshape(-1)), counts.index_add(0, seg, mask.reshape(-1).long())
-        return token_logps.sum(-1), mask.sum(-1)
+        return per_sequence(torch.cat(parts, dim=1) * mask, mask, segments, num_segments)
 
     rows = mask.nonzero(as_tuple=True)
     flat_h, flat_l = hidden[rows], labels[rows]
@@ -73,6 +67,18 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
         return sums, torch.bincount(seg, minlength=num_segments)
     sums = torch.zeros(n, dtype=torch.float32, device=hidden.device).index_add(0, rows[0], token_logps)
     return sums, mask.sum(-1)
+
+
+def per_sequence(token_logps: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None,
+                 num_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Static-shape sums: [N, T-1] token log-probs (0 where not scored) and their mask -> (sum,
+    count) per row, or per output index of `segments` ([N, T], shifted here like the labels)."""
+    if segments is None:
+        return token_logps.sum(-1), mask.sum(-1)
+    seg = segments[:, 1:].reshape(-1)
+    sums = torch.zeros(num_segments, dtype=token_logps.dtype, device=token_logps.device)
+    counts = torch.zeros(num_segments, dtype=torch.long, device=token_logps.device)
+    return sums.index_add(0, seg, token_logps.reshape(-1)), counts.index_add(0, seg, mask.reshape(-1).long())
 
 
 def model_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,

@@ -193,9 +193,10 @@ class Trainer:
         batch = collate_pairs(examples, pad_id=self.pad_id, pad_to=self.pad_to)
         return tuple(batch[k].to(self.device) for k in ("input_ids", "attention_mask", "labels"))
 
-    def logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor):
-        """Sequence log-prob sums and counts (a seam: tensor parallelism splits the LM head)."""
-        return sequence_logprobs(hidden, weight, labels, static_shapes=self.static)
+    def logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, **segments):
+        """Sequence (or, packed, segment) log-prob sums and counts (a seam: tensor parallelism
+        splits the LM head)."""
+        return sequence_logprobs(hidden, weight, labels, static_shapes=self.static, **segments)
 
     def policy_logprobs(self, examples: list[dict]) -> dict:
         """The policy's summed log-probs and counts, rows 0..B-1 chosen and B..2B-1 rejected;
@@ -206,8 +207,8 @@ class Trainer:
         if self.packing or self.sharing:
             packed = self._pack(examples)
             with self.autocast():
-                lp = packed_pair_logprobs(self.model, packed, device=self.device, static_shapes=self.static,
-                                          full_chosen=full_scope)
+                lp = packed_pair_logprobs(self.model, packed, device=self.device, full_chosen=full_scope,
+                                          logprobs=self.logprobs)
             return {**lp, "packed": packed}
         ids, mask, labels = self.device_batch(examples)
         with self.autocast():
@@ -228,7 +229,7 @@ class Trainer:
         b = len(examples)
         with torch.no_grad(), self.autocast():
             if packed is not None:
-                ref = packed_pair_logprobs(self.ref_model, packed, device=self.device, static_shapes=self.static)
+                ref = packed_pair_logprobs(self.ref_model, packed, device=self.device, logprobs=self.logprobs)
                 return ref["sums"][:b], ref["sums"][b:]
             out = reference.pair_logprobs(self.ref_model, examples, device=self.device, pad_id=self.pad_id,
                                           pad_to=self.pad_to, autocast=self.autocast, static_shapes=self.static,

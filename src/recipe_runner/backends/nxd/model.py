@@ -8,8 +8,9 @@ The column-parallel layers all-gather the sequence on entry and the row-parallel
 reduce-scatter it on exit; norm weights carry `sequence_parallel_enabled` so NxD's optimizer
 all-reduces their gradients over the tp group.
 
-Attention is causal only: sequences are right-padded, so a real token never sees padding,
-and padded positions are never scored. Verified only on Trn1 (needs NxD and NeuronCores).
+Attention is causal (sequences are right-padded, so a real token never sees padding, and padded
+positions are never scored), or follows the 4-D block mask and position ids of packed rows
+(model/attention.py). Verified only on Trn1 (needs NxD and NeuronCores).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from neuronx_distributed.parallel_layers.layers import ColumnParallelLinear, Par
 from torch import nn
 
 from recipe_runner.backends.nxd.plan import LayerPlan, vocab_range
+from recipe_runner.model.attention import allowed_keys
 
 
 class RMSNorm(nn.Module):
@@ -62,7 +64,8 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(d.heads * d.head_dim, d.hidden, bias=False, input_is_parallel=True,
                                         sequence_parallel_enabled=sp)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         a = self.a
         if a.kind.startswith("gqa_qkv"):
             q, k, v = self.qkv_proj(x)
@@ -79,8 +82,8 @@ class Attention(nn.Module):
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         s = q.shape[2]
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(a.head_dim)
-        causal = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+        allowed = allowed_keys(mask, s, q.device)
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
         out = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # [B, heads, S, hd]
         out = out.permute(2, 0, 1, 3) if self.sp else out.permute(0, 2, 1, 3)
         return self.o_proj(out.reshape(*out.shape[:2], a.q_rows))
@@ -109,8 +112,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(plan.dims.hidden, eps, sp)
         self.mlp = MLP(plan, sp)
 
-    def forward(self, x, cos, sin):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -135,20 +138,23 @@ class Body(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config=hf_config)  # handles Llama 3.1 rope scaling
         self.checkpoint_layers = False
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+        """attention_mask: a 2-D padding mask (ignored: causal attention over right padding) or
+        the 4-D mask of packed rows, which then come with their restarting position_ids."""
         h = self.embed_tokens(input_ids)  # [B, S, H], all-reduced over tp
-        pos = torch.arange(input_ids.shape[1], device=input_ids.device).unsqueeze(0)
+        mask = attention_mask if attention_mask is not None and attention_mask.dim() == 4 else None
+        pos = position_ids if position_ids is not None else torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         cos, sin = self.rotary_emb(h, pos)
-        cos, sin = cos[:, None].to(h.dtype), sin[:, None].to(h.dtype)  # [1, 1, S, hd]
+        cos, sin = cos[:, None].to(h.dtype), sin[:, None].to(h.dtype)  # [1 or B, 1, S, hd]
         if self.sp:
             h = mappings.scatter_to_sequence_parallel_region(h.transpose(0, 1).contiguous(), 0)
         for layer in self.layers.values():
             if self.checkpoint_layers and self.training:
                 from torch_xla.utils.checkpoint import checkpoint
 
-                h = checkpoint(layer, h, cos, sin, use_reentrant=True)
+                h = checkpoint(layer, h, cos, sin, mask, use_reentrant=True)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, mask)
         h = self.norm(h)
         if self.sp:
             h = mappings.gather_from_sequence_parallel_region(h, 0, to_model_parallel=True).transpose(0, 1)

@@ -81,13 +81,16 @@ class NxdTrainer(XlaTrainer):
         self.local_batch = self.gbs // dp_size
         self.pad_to = d.seq_length
         self._loader = None
+        from recipe_runner.data.packing import MAX_PAIRS_PER_ROW
         from recipe_runner.train.loop import METRIC_KEYS, ORPO_KEYS
 
         self.keys = METRIC_KEYS + (ORPO_KEYS if recipe.algorithm == "orpo" else ())
-        if recipe.runner.data.packing or recipe.runner.data.prefix_sharing:
-            say("runner.data.packing / prefix_sharing: not used with tensor parallelism (the parallel model "
-                "takes no block mask yet); training on padded rows", dist.get_rank() == 0)
-        self.packing = self.sharing = False
+        # packed rows as in Trainer.__init__: the parallel attention takes the block mask and
+        # position ids, and self.logprobs sums per segment across the vocab-split LM head
+        self.packing, self.sharing = recipe.runner.data.packing, recipe.runner.data.prefix_sharing
+        self.pack_width = 2 * d.seq_length
+        self.pairs_per_forward = self.mbs * MAX_PAIRS_PER_ROW
+        self.ddp = None
         self._reducers = None
 
     # ------------------------------------------------------------------ model
@@ -150,10 +153,10 @@ class NxdTrainer(XlaTrainer):
         finally:
             self.dist = dist
 
-    def logprobs(self, hidden, weight, labels):
+    def logprobs(self, hidden, weight, labels, **segments):
         reduce_max, reduce_sum = self._reducers
         return vocab_parallel_sequence_logprobs(hidden, weight, labels, self.model.vocab_start(),
-                                                reduce_max=reduce_max, reduce_sum=reduce_sum)
+                                                reduce_max=reduce_max, reduce_sum=reduce_sum, **segments)
 
     # ------------------------------------------------------------------ optimizer, metrics
     def _reduce_metrics(self, acc):

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from recipe_runner.model.checkpointing import checkpoint
 
-from recipe_runner.model.logprobs import IGNORE_INDEX
+from recipe_runner.model.logprobs import IGNORE_INDEX, per_sequence
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 
@@ -89,12 +89,13 @@ def vocab_parallel_token_logps(logits: torch.Tensor, labels: torch.Tensor, vocab
 
 def vocab_parallel_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, vocab_start: int, *,
                                      reduce_max: Reduce = _identity, reduce_sum: Reduce = _identity,
-                                     chunk_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                                     chunk_size: int = 512, segments: torch.Tensor | None = None,
+                                     num_segments: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """sequence_logprobs (model/logprobs.py, static_shapes=True) for a vocab-split LM head.
 
     hidden: [N, T, H] (replicated over tp ranks); weight: this rank's [V/T, H] rows starting at
     vocab_start; labels: [N, T] with -100 where nothing is scored. Returns (sum [N] fp32, count [N]),
-    identical on every tp rank. Chunks along T, each under activation checkpointing when
+    identical on every tp rank; with segments (packed rows) one entry per output index instead. Chunks along T, each under activation checkpointing when
     gradients are needed, so only [chunk, V/T] logits exist at a time."""
     n, t, h = hidden.shape
     hidden, labels = hidden[:, :-1], labels[:, 1:]
@@ -110,5 +111,4 @@ def vocab_parallel_sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
         hc, lc = hidden[:, s:s + chunk_size].reshape(-1, h), safe[:, s:s + chunk_size].reshape(-1)
         out = checkpoint(chunk_logps, hc, lc, use_reentrant=False) if use_ckpt else chunk_logps(hc, lc)
         parts.append(out.view(n, -1))
-    token_logps = torch.cat(parts, dim=1) * mask
-    return token_logps.sum(-1), mask.sum(-1)
+    return per_sequence(torch.cat(parts, dim=1) * mask, mask, segments, num_segments)
