@@ -129,18 +129,24 @@ class Trainer:
         sched = dict(o.sched, max_steps=self.max_steps)  # NxDT: always trainer.max_steps
         self.scheduler = build_scheduler(self.optimizer, sched.pop("name"), **sched)
         self.step, self.consumed = 0, 0
-        latest = ckpt.latest_checkpoint(self.run_dir) if r.exp_manager.resume_if_exists else None
-        start = r.exp_manager.resume_from_checkpoint
-        if latest is None and not r.model.weight_init_only and start and (Path(start) / ckpt.STATE_FILE).is_file():
-            latest = Path(start)  # weight_init_only: false continues another run's optimizer, schedule and step
-        if latest is not None:
-            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
-            self.step, self.consumed = state["step"], state["consumed_samples"]
-            say(f"resumed from {latest} (step {self.step})", self.main)
+        self._resume()
         write_provenance(self.run_dir, r, self.dist, device=self.device_name, tokenizer=self.tokenizer,
                          model_config=self.model.config, start_fingerprint=self.start_fp, enabled=self.main)
         self.logger = MetricsLogger(str(self.run_dir), enabled=self.main,
                                     tensorboard=r.exp_manager.create_tensorboard_logger, resume_step=self.step)
+
+    def _resume(self) -> None:
+        """Continue from this run's newest complete checkpoint (resume_if_exists), or with
+        weight_init_only: false from another run's (a seam: NxD keeps its own layout)."""
+        r = self.r
+        latest = ckpt.latest_checkpoint(self.run_dir) if r.exp_manager.resume_if_exists else None
+        start = r.exp_manager.resume_from_checkpoint
+        if latest is None and not r.model.weight_init_only and start and (Path(start) / ckpt.STATE_FILE).is_file():
+            latest = Path(start)  # continues the other run's optimizer, schedule and step
+        if latest is not None:
+            state = ckpt.load_checkpoint(latest, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+            self.step, self.consumed = state["step"], state["consumed_samples"]
+            say(f"resumed from {latest} (step {self.step})", self.main)
 
     def _build_model(self) -> torch.nn.Module:
         """The policy on the device (a seam: tensor parallelism builds a parallel model)."""

@@ -182,6 +182,34 @@ class NxdTrainer(XlaTrainer):
         name = ckpt.checkpoint_name(cp.filename, name=self.r.name, step=self.step, consumed_samples=self.consumed)
         root = self.run_dir / "checkpoints"
         nxd.save_checkpoint(str(root), tag=name, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                            user_content={"step": self.step, "consumed_samples": self.consumed}, use_xser=em.save_xser)
+                            user_content={"step": self.step, "consumed_samples": self.consumed}, use_xser=em.save_xser,
+                            num_kept_ckpts=cp.save_top_k if cp.save_top_k > 0 else None)
         say(f"checkpoint saved (NxD layout): {root / name}", self.main)
+
+    def _resume(self) -> None:
+        """The newest complete NxD checkpoint of this run (save() above writes them), loaded on
+        every rank through nxd.load_checkpoint: model shards, optimizer (ZeRO-1) state, scheduler."""
+        if not self.r.exp_manager.resume_if_exists:
+            return
+        root = self.run_dir / "checkpoints"
+        newest = newest_nxd_checkpoint(root)
+        if newest is None:
+            return
+        import neuronx_distributed as nxd
+
+        content = nxd.load_checkpoint(str(root), tag=newest.name, model=self.model, optimizer=self.optimizer,
+                                      scheduler=self.scheduler)
+        self.step, self.consumed = content["step"], content["consumed_samples"]
+        say(f"resumed from {newest} (NxD layout, step {self.step})", self.main)
+
+
+def newest_nxd_checkpoint(root: Path) -> Path | None:
+    """The complete NxD checkpoint (`done` marker, written last by nxd.save_checkpoint) with the
+    highest step in its user_content.pt; None when there is none. A save killed half-way has no
+    `done` and is skipped, as NxD's own loader does."""
+    found = []
+    for d in (root.iterdir() if root.is_dir() else ()):
+        if d.is_dir() and (d / "done").is_file() and (d / "user_content.pt").is_file():
+            found.append((int(torch.load(d / "user_content.pt", weights_only=True)["step"]), d.name, d))
+    return max(found)[2] if found else None
 
