@@ -6,7 +6,7 @@
 #                             run(command="bash bench/gpu.sh 8b", carry=[".whl"], timeout_s=480)
 #
 # Parts (each engine pair runs in its own processes, TRL beside ours on the same card, same call):
-#   smoke  tiny shape, fixed lengths: the CUDA path works at all                       (~1 min)
+#   smoke  tiny shape, fixed and orca-like (packed, FlexAttention): the CUDA path works (~2 min)
 #   1b     Llama-3.2-1B shape, bf16: fixed 2048 x 4 pairs, then orca-like x 8 pairs      (~4 min)
 #   8b     Llama-3-8B shape, fixed 4096, 1 pair/step, activation checkpointing, bf16SR  (~4 min)
 #   all    smoke 1b 8b (worst case over 10 minutes: make it two calls, as above)
@@ -47,7 +47,7 @@ bench() {  # bench NAME SECONDS ARGS...: one `recipe-runner bench` invocation un
 
 for part in $PARTS; do
   case "$part" in
-    smoke) bench smoke 160 --shape tiny --lengths fixed --pairs 2 --steps 4 --warmup 1 --timeout 70 ;;
+    smoke) bench smoke 260 --shape tiny --lengths both --pairs 2 --steps 4 --warmup 1 --timeout 60 ;;
     1b)  # the anchors' runs 1b-s2048-b4 and 1b-varlen-b8 (TRL measured again here, same card)
          bench 1b-fixed 240 --shape llama3.2-1b --lengths fixed --seq 2048 --pairs 4 --steps 10 --timeout 110
          bench 1b-orca 300 --shape llama3.2-1b --lengths orca --seq 4096 --pairs 8 --steps 10 --timeout 140 ;;

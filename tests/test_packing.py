@@ -38,11 +38,11 @@ def make_examples(n: int, vocab: int, seed: int = 0, max_len: int = 40, merge_ev
     return out
 
 
-def random_model(attn: str = "sdpa", vocab: int = 97, seed: int = 0) -> torch.nn.Module:
+def random_model(attn: str = "sdpa", vocab: int = 97, seed: int = 0, tied: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, attn_implementation=attn)
+                      tie_word_embeddings=tied, attn_implementation=attn)
     return LlamaForCausalLM(cfg).float()
 
 
@@ -148,6 +148,15 @@ def test_packed_equals_unpacked_random_llama(attn, algorithm):
     ex = make_examples(5, 97, seed=2, max_len=40, merge_every=3)
     batch = check_same(model, ex, share_prefix=False, width=48, algorithm=algorithm)
     assert batch["input_ids"].shape[0] < 10
+
+
+def test_tied_embeddings_packed_equals_unpacked():
+    """Llama-3.2-1B ties the LM head to the embedding: the chunked head reads the same tensor the
+    embedding uses, and both gradients land in it."""
+    model = random_model("sdpa", tied=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ex = make_examples(4, 97, seed=8, max_len=40)
+    check_same(model, ex, share_prefix=True, width=96)
 
 
 def test_packed_static_shapes_equal_unpacked():
