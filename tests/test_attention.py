@@ -19,11 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_auto_choice_per_device_and_layout():
-    assert choose_attention("auto", "cuda", packing=True) == "flex_attention"
-    assert choose_attention("auto", "cuda", packing=False) == "sdpa"
-    assert choose_attention("auto", "cpu", packing=True) == "sdpa"
-    assert choose_attention("auto", "xla", packing=True) == "eager"
-    assert choose_attention("eager", "cuda", packing=True) == "eager"
+    assert choose_attention("auto", "cuda", block_mask=True) == "flex_attention"
+    assert choose_attention("auto", "cuda", block_mask=False) == "sdpa"
+    assert choose_attention("auto", "cpu", block_mask=True) == "sdpa"
+    assert choose_attention("auto", "xla", block_mask=True) == "eager"
+    assert choose_attention("eager", "cuda", block_mask=True) == "eager"
 
 
 def test_set_attention_switches_the_model():

@@ -7,7 +7,7 @@ i's own branch (chosen or rejected). Padding attends only to itself, so no softm
 
 For sdpa and eager the mask is an explicit 4-D tensor [R, 1, W, W], which transformers uses as
 given (bool for sdpa, additive float for eager): every block of the W x W scores is computed and
-then masked. For flex_attention (PyTorch's FlexAttention; the `auto` choice on CUDA with packing)
+then masked. For flex_attention (PyTorch's FlexAttention; the `auto` choice on CUDA)
 the same rule becomes a BlockMask, and blocks no query of a tile may see are skipped: a packed row
 of 2 x seq_length costs the attention of its sequences, not of the whole row. Together with
 restarting position ids each is exactly the unpacked computation. flash-attention takes no such
@@ -69,15 +69,17 @@ def attention_implementation(model) -> str:
     return getattr(model.config, "_attn_implementation", None) or "eager"
 
 
-def choose_attention(requested: str, device: str, packing: bool) -> str:
-    """`runner.attention`. auto: eager on xla (sdpa reads the mask on the host there),
-    flex_attention on CUDA with packing (rows of 2 x seq_length whose dense masks would make
-    attention cost grow with the row), sdpa otherwise (transformers' default)."""
+def choose_attention(requested: str, device: str, block_mask: bool) -> str:
+    """`runner.attention`. auto: eager on xla (sdpa reads the mask on the host there);
+    flex_attention on CUDA when rows carry a block mask (packing or prefix sharing): sdpa would
+    compute every tile of a dense mask, causal ones included, where FlexAttention skips the
+    tiles nobody sees (a packed row of 2 x seq_length; the chosen block that rejected never
+    reads); sdpa otherwise (transformers' default)."""
     if requested != "auto":
         return requested
     if device == "xla":
         return "eager"
-    return "flex_attention" if device == "cuda" and packing and _has_flex() else "sdpa"
+    return "flex_attention" if device == "cuda" and block_mask and _has_flex() else "sdpa"
 
 
 def _has_flex() -> bool:

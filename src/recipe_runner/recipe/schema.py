@@ -208,7 +208,7 @@ class Runner(Strict):
     convert_checkpoint: Optional[ConvertCheckpoint] = None
     data: RunnerData = RunnerData()
     attention: Literal["auto", "sdpa", "eager", "flex_attention"] = Field(
-        "auto", description="attention implementation. auto: flex_attention on cuda with packing (skips masked "
+        "auto", description="attention implementation. auto: flex_attention on cuda with packing or prefix sharing (skips masked "
                             "tiles), eager on xla, sdpa otherwise. flex_attention trains only on cuda")
 
 

@@ -153,7 +153,8 @@ class Trainer:
         dtype = param_dtype(self.device_name, self.r.precision.type)
         model = build_model(self.r, trust_remote_code=self.r.runner.trust_remote_code,
                             init_device=self.device if self.device.type == "cuda" else "cpu", init_dtype=dtype)
-        set_attention(model, choose_attention(self.r.runner.attention, self.device_name, self.packing))
+        block_mask = self.packing or self.sharing
+        set_attention(model, choose_attention(self.r.runner.attention, self.device_name, block_mask))
         return model.to(device=self.device, dtype=dtype)
 
     def _data_parallel(self):
