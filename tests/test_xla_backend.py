@@ -57,7 +57,7 @@ class Probe(XlaTrainer):
     real pairs of each packed forward."""
 
     def _pack(self, examples):
-        self.forwards.append(sum(not e.get("padding") for e in examples))
+        self.pairs_seen.append(sum(not e.get("padding") for e in examples))
         return super()._pack(examples)
 
     def train_step(self, step):
@@ -85,13 +85,13 @@ def test_xla_matches_cpu_with_bounded_graphs(tmp_path, algo, layout):
     met.clear_all()
     probe = Probe(load_recipe(recipe_file, overrides(xla_dir, "xla", algo) + layout))
     probe.per_step = []
-    probe.forwards = []
+    probe.pairs_seen = []
     probe.run()
     total_graphs = met.metric_data("CompileTime")[0]
     print(f"\n{algo} {layout}: graphs compiled for the whole run: {total_graphs}; "
-          f"per train step: {[c for c, _ in probe.per_step]}; pairs per forward: {probe.forwards}")
+          f"per train step: {[c for c, _ in probe.per_step]}; pairs per forward: {probe.pairs_seen}")
     if layout:  # it packed: fewer forwards than unpacked micro-batches, several pairs in each
-        assert max(probe.forwards) > probe.mbs
+        assert max(probe.pairs_seen) > probe.mbs
 
     cpu, xla = read_metrics(cpu_dir), read_metrics(xla_dir)
     assert [r["step"] for r in cpu] == [r["step"] for r in xla]

@@ -37,7 +37,7 @@ from recipe_runner.data.batches import collate_pairs
 from recipe_runner.errors import UserError
 from recipe_runner.model.attention import set_attention
 from recipe_runner.model.checkpointing import checkpoint
-from recipe_runner.train.loop import METRIC_KEYS, ORPO_KEYS, Trainer
+from recipe_runner.train.loop import Trainer
 from recipe_runner.train.metrics import say
 
 
@@ -111,7 +111,6 @@ class XlaTrainer(Trainer):
         self.device = torch_xla.device()
         self.autocast = xla_autocast(recipe.precision.type)
         self._loader = None
-        self.keys = METRIC_KEYS + (ORPO_KEYS if recipe.algorithm == "orpo" else ())
 
     # ------------------------------------------------------------------ data feed
     def _open_feed(self, chunks: list[list[dict]]):
@@ -135,57 +134,43 @@ class XlaTrainer(Trainer):
         super().setup()
         install_xla_checkpointing(self.model)  # bf16SR weights are already bf16 (Trainer._build_model)
 
-    # ------------------------------------------------------------------ metrics on device
-    def _metric_vector(self, out: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
-        src = {"reduced_train_loss": "loss"}
-        rows = [out[src.get(k, k)].detach().float() for k in self.keys]
-        per_pair = torch.stack(rows)  # [keys, pairs]
-        if weight is not None:
-            per_pair = per_pair * weight
-        return torch.cat([per_pair.sum(-1), out["tokens"].reshape(1).float()])
+    # ------------------------------------------------------------------ the loop's seams
+    metric_dtype = torch.float32  # NeuronCores have no float64
+    grads_to_none = False  # gradient buffers stay: the same graph every step
 
-    def _to_host(self, vec: torch.Tensor, n_pairs: int, into: dict) -> None:
-        v = vec.cpu().double()
-        into.update({k: v[i].item() / n_pairs for i, k in enumerate(self.keys)})
-        into["tokens"] = v[-1].item()
+    def forwards(self, examples: list[dict], *, val: bool = False):
+        """One shape for every forward: micro_batch_size pairs (validation tails and ranks with
+        fewer pairs padded with copies that weigh 0), or packed rows with a fixed number of pair
+        slots. Unpacked forwards come through MpDeviceLoader; packed rows are built per forward."""
+        if val:
+            w = self.dist.world
+            per_rank = -(-len(examples) // w)
+            mine, weights = pad_to_multiple(examples[self.dist.rank::w], self.mbs, -(-per_rank // self.mbs) * self.mbs)
+            plan = [(mine[s:s + self.mbs], weights[s:s + self.mbs]) for s in range(0, len(mine), self.mbs)]
+        elif self.packing:  # as many pairs as fill micro_batch_size rows, in a fixed number of slots
+            plan = [pad_to_multiple(g, self.pairs_per_forward, count=self.pairs_per_forward)
+                    for g in self.micro_batches(examples)]
+        else:
+            plan = [(examples[s:s + self.mbs], None) for s in range(0, len(examples), self.mbs)]
+        self._loader = None
+        if not (self.packing or self.sharing):
+            self._open_feed([chunk for chunk, _ in plan])
+        return [(chunk, None if w is None else torch.tensor(w, device=self.device)) for chunk, w in plan]
+
+    def _synced(self) -> None:
+        self._tx.sync()  # graph: one micro-batch's forward (+ backward)
 
     def _log_due(self, step: int) -> bool:
         return (step + 1) % self.r.trainer.log_every_n_steps == 0 or step + 1 == self.max_steps
 
-    # ------------------------------------------------------------------ one optimizer step
-    def train_step(self, step: int) -> dict[str, float]:
-        tx, xm = self._tx, self._xm
-        examples = self.global_batch(step)
-        if self.packing:  # as many pairs as fill micro_batch_size rows, in a fixed number of slots
-            forwards = [pad_to_multiple(g, self.pairs_per_forward, count=self.pairs_per_forward)
-                        for g in self.micro_batches(examples)]
-        else:
-            forwards = [(examples[s:s + self.mbs], None) for s in range(0, len(examples), self.mbs)]
-        if not (self.packing or self.sharing):  # packed rows are built per forward, not fed
-            self._open_feed([chunk for chunk, _ in forwards])
-        acc = None
-        for chunk, weights in forwards:
-            w = None if weights is None else torch.tensor(weights, device=self.device)
-            out = self.pair_metrics(chunk, "train")
-            loss = out["loss"] if w is None else out["loss"] * w
-            # xm.reduce_gradients averages over replicas: scale by this rank's share
-            (loss.sum() / self.local_batch).backward()
-            vec = self._metric_vector(out, w)
-            acc = vec if acc is None else acc + vec
-            tx.sync()  # graph: one micro-batch forward + backward
-        self._loader = None
-        acc = self._reduce_metrics(acc)
-        lr = self.optimizer.param_groups[0]["lr"]
-        grad_norm = self._optimizer_step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=False)
+    def _step_values(self, step: int, acc: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict[str, float]:
+        """Metrics reach the host in a step closure at log steps only (no sync inside the step)."""
         vals: dict[str, float] = {"lr": lr}
         if self._log_due(step):
             def fetch(a, g):
-                self._to_host(a, self.gbs, vals)
-                vals["gradient_norm"] = g.cpu().item()
-            xm.add_step_closure(fetch, (acc, grad_norm.detach()))
-        tx.sync()  # graph: gradient reduce + clip + optimizer step
+                vals.update(self._to_host(a, self.gbs), gradient_norm=g.cpu().item())
+            self._xm.add_step_closure(fetch, (acc, grad_norm.detach()))
+        self._tx.sync()  # graph: gradient reduce + clip + optimizer step
         return vals
 
     def _reduce_metrics(self, acc: torch.Tensor) -> torch.Tensor:
@@ -197,38 +182,7 @@ class XlaTrainer(Trainer):
         """Average gradients over replicas, clip, step; returns the gradient norm (device)."""
         if self._xr.world_size() > 1:
             self._xm.reduce_gradients(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = self.r.trainer.gradient_clip_val
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
-        self.optimizer.step()
-        return grad_norm
-
-    # ------------------------------------------------------------------ validation
-    @torch.no_grad()
-    def validate(self) -> dict[str, float]:
-        tx = self._tx
-        self.model.eval()
-        examples = self.val_examples()
-        w = self.dist.world
-        per_rank = -(-len(examples) // w)
-        mine, weights = pad_to_multiple(examples[self.dist.rank::w], self.mbs, -(-per_rank // self.mbs) * self.mbs)
-        chunks = [mine[s:s + self.mbs] for s in range(0, len(mine), self.mbs)]
-        if not (self.packing or self.sharing):
-            self._open_feed(chunks)
-        acc = torch.zeros(len(self.keys) + 1, device=self.device)
-        for i, chunk in enumerate(chunks):
-            weight = torch.tensor(weights[i * self.mbs:(i + 1) * self.mbs], device=self.device)
-            out = self.pair_metrics(chunk, "val")
-            acc = acc + self._metric_vector(out, weight)
-            tx.sync()  # graph: one forward micro-batch
-        self._loader = None
-        acc = self._reduce_metrics(acc)
-        tx.sync()
-        self.model.train()
-        vals: dict[str, float] = {}
-        self._to_host(acc, max(1, len(examples)), vals)  # validation end is a log boundary
-        vals.pop("tokens", None)
-        return {f"val_{k.replace('reduced_train_loss', 'loss')}": v for k, v in vals.items()}
+        return super()._optimizer_step()
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> None:

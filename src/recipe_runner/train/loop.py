@@ -80,6 +80,7 @@ class Trainer:
         self.pack_width = 2 * d.seq_length
         self.pairs_per_forward = self.mbs * MAX_PAIRS_PER_ROW  # static shapes only
         self.ddp = None  # DistributedDataParallel over the policy call under torchrun (setup)
+        self.keys = METRIC_KEYS + (ORPO_KEYS if recipe.algorithm == "orpo" else ())
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -286,22 +287,44 @@ class Trainer:
         return group_pairs(examples, max_rows=self.mbs, width=self.pack_width, share_prefix=self.sharing,
                            max_pairs=self.pairs_per_forward if self.static else None)
 
-    def _summed(self, parts: list[dict], n_pairs: int) -> dict[str, float]:
-        """Average per-pair metrics over the pairs of all ranks (the whole global batch)."""
-        keys = METRIC_KEYS + (ORPO_KEYS if self.r.algorithm == "orpo" else ())
+    # ------------------------------------------------------------------ metrics on the device
+    metric_dtype = torch.float64  # sums of many pairs' metrics; the xla backend uses float32
+    grads_to_none = True  # the xla backend keeps gradient buffers (one graph for every step)
+
+    def metric_vector(self, out: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
+        """A forward's per-pair metrics summed (padding pairs weigh 0), then its token count:
+        [keys + 1] on the device. Summed there and read back once per step, since a host read
+        per micro-batch would stall a GPU's queue and cut an XLA graph."""
         src = {"reduced_train_loss": "loss"}
-        # summed on the device and read back once per step: a host read per micro-batch would
-        # stall a GPU's queue. Every rank reduces the same vector, even one with no pairs
-        # (validation tails).
-        vec = torch.zeros(len(keys) + 1, dtype=torch.float64, device=self.device)
-        for p in parts:
-            vec += torch.stack([p[src.get(k, k)].detach().double().sum() for k in keys]
-                               + [p["tokens"].detach().double().sum()])
-        all_reduce_sum(vec, self.dist)
-        vec = vec.tolist()
-        vals = {k: vec[i] / n_pairs for i, k in enumerate(keys)}
-        vals["tokens"] = vec[-1]
-        return vals
+        per_pair = torch.stack([out[src.get(k, k)].detach().to(self.metric_dtype) for k in self.keys])
+        if weight is not None:
+            per_pair = per_pair * weight
+        return torch.cat([per_pair.sum(-1), out["tokens"].detach().reshape(1).to(self.metric_dtype)])
+
+    def _reduce_metrics(self, acc: torch.Tensor) -> torch.Tensor:
+        """Sum over data-parallel ranks; every rank reduces, even one with no pairs (a seam)."""
+        return all_reduce_sum(acc, self.dist)
+
+    def _to_host(self, acc: torch.Tensor, n_pairs: int) -> dict[str, float]:
+        v = acc.cpu().double().tolist()
+        out = {k: v[i] / n_pairs for i, k in enumerate(self.keys)}
+        out["tokens"] = v[-1]
+        return out
+
+    def _synced(self) -> None:
+        """After each forward (a seam: the xla backend cuts its graph here)."""
+
+    def _optimizer_step(self) -> torch.Tensor:
+        """Clip and step; the gradient norm (a seam: XLA reduces gradients here, NxD in its optimizer)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        clip = self.r.trainer.gradient_clip_val
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+        self.optimizer.step()
+        return grad_norm
+
+    def _step_values(self, step: int, acc: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> dict[str, float]:
+        """The step's metrics on the host (a seam: XLA fetches them at log steps only)."""
+        return dict(self._to_host(acc, self.gbs), lr=lr, gradient_norm=float(grad_norm))
 
     # ------------------------------------------------------------------ loop
     def global_batch(self, step: int) -> list[dict]:
@@ -311,28 +334,32 @@ class Trainer:
         mine = chosen[self.dist.rank * self.local_batch:(self.dist.rank + 1) * self.local_batch]
         return [self.train_ex[i] for i in mine]
 
+    def forwards(self, examples: list[dict], *, val: bool = False) -> list[tuple[list[dict], torch.Tensor | None]]:
+        """The pairs of each forward and their weights (None: all count). Validation pairs are
+        split over ranks here (a seam: XLA pads every forward to one shape)."""
+        if val:
+            examples = examples[self.dist.rank::self.dist.world]
+        return [(chunk, None) for chunk in self.micro_batches(examples)]
+
     def train_step(self, step: int) -> dict[str, float]:
-        examples = self.global_batch(step)
-        chunks = self.micro_batches(examples)
-        parts = []
-        for i, chunk in enumerate(chunks):
+        forwards = self.forwards(self.global_batch(step))
+        acc = torch.zeros(len(self.keys) + 1, dtype=self.metric_dtype, device=self.device)
+        for i, (chunk, weight) in enumerate(forwards):
             # DDP all-reduces in the last micro-batch's backward only; it averages over ranks, so
             # each rank's loss is the mean over its own pairs (one process: the global batch)
-            last = self.ddp is None or i == len(chunks) - 1
+            last = self.ddp is None or i == len(forwards) - 1
             with contextlib.nullcontext() if last else self.ddp.no_sync():
                 out = self.pair_metrics(chunk, "train")
-                (out["loss"].sum() / self.local_batch).backward()
-            parts.append(out)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        clip = self.r.trainer.gradient_clip_val
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip and clip > 0 else float("inf"))
+                loss = out["loss"] if weight is None else out["loss"] * weight
+                (loss.sum() / self.local_batch).backward()
+            acc = acc + self.metric_vector(out, weight)
+            self._synced()
+        acc = self._reduce_metrics(acc)
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        grad_norm = self._optimizer_step()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        vals = self._summed(parts, self.gbs)
-        vals.update(lr=lr, gradient_norm=float(grad_norm))
-        return vals
+        self.optimizer.zero_grad(set_to_none=self.grads_to_none)
+        return self._step_values(step, acc, grad_norm, lr)
 
     def val_examples(self) -> list[dict]:
         """The validation pairs `trainer.limit_val_batches` allows (float: fraction; int: batches)."""
@@ -347,10 +374,13 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.model.eval()
         examples = self.val_examples()
-        mine = examples[self.dist.rank::self.dist.world]
-        parts = [self.pair_metrics(chunk, "val") for chunk in self.micro_batches(mine)]
+        acc = torch.zeros(len(self.keys) + 1, dtype=self.metric_dtype, device=self.device)
+        for chunk, weight in self.forwards(examples, val=True):
+            acc = acc + self.metric_vector(self.pair_metrics(chunk, "val"), weight)
+            self._synced()
+        acc = self._reduce_metrics(acc)
         self.model.train()
-        vals = self._summed(parts, max(1, len(examples)))
+        vals = self._to_host(acc, max(1, len(examples)))
         vals.pop("tokens", None)
         return {f"val_{k.replace('reduced_train_loss', 'loss')}": v for k, v in vals.items()}
 
