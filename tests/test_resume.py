@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 
 from recipe_runner.train import checkpoint as ckpt
 from recipe_runner.train import reference
-from recipe_runner.train.loop import METRIC_KEYS, Trainer
+from recipe_runner.train.loop import Trainer
+from recipe_runner.train.metrics import METRIC_KEYS
 
 from train_support import _baked_commit, cache  # noqa: F401 (module fixtures)
 from train_support import (COMMIT, LN2, REPO, SMALL, final_weights, overrides, records,

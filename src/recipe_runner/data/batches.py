@@ -11,6 +11,8 @@ the dynamic length up, so a compiler sees a handful of shapes instead of one per
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from recipe_runner.data.tokenize import IGNORE_INDEX
@@ -45,3 +47,13 @@ def collate_pairs(
         mask[i, :n] = 1
     ids = torch.tensor([int(e["id"]) for e in examples], dtype=torch.long)
     return {"input_ids": input_ids, "labels": label_ids, "attention_mask": mask, "ids": ids}
+
+
+@functools.lru_cache(maxsize=2)  # one permutation per epoch, not one per step
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
+    """The order of the n training pairs in an epoch: a seeded permutation (a function of seed
+    and epoch alone, so a resumed run takes the same pairs at the same step)."""
+    if not shuffle:
+        return tuple(range(n))
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    return tuple(torch.randperm(n, generator=g).tolist())

@@ -61,14 +61,13 @@ class PolicyCall(torch.nn.Module):
 def data_parallel(model: torch.nn.Module, fn, d: Dist, device: torch.device):
     """DDP over PolicyCall(model, fn), or None for one process. Gradients are averaged over
     ranks (so each rank's loss is its own mean); parameters are broadcast from rank 0 at
-    construction; buffers (rotary tables) are not re-broadcast every forward; gradients live
-    in the communication buckets (no second copy)."""
+    construction; gradients live in the communication buckets (no second copy)."""
     if d.world == 1:
         return None
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(PolicyCall(model, fn), device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False, gradient_as_bucket_view=True)
+                                   gradient_as_bucket_view=True)
 
 
 def barrier(d: Dist) -> None:

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
+import gc
 import time
 from collections import deque
 from pathlib import Path
 
 import torch
 
-from recipe_runner.data.batches import collate_pairs
+from recipe_runner.data.batches import collate_pairs, epoch_order
 from recipe_runner.data.cache import cache_key
 from recipe_runner.data.packing import MAX_PAIRS_PER_ROW, group_pairs, pack_pairs
 from recipe_runner.data.dataset import load_tokenized, load_tokenizer
@@ -32,23 +32,11 @@ from recipe_runner.recipe.checks import not_used_on
 from recipe_runner.train import checkpoint as ckpt
 from recipe_runner.train import reference
 from recipe_runner.train.distributed import all_reduce_sum, barrier, data_parallel, init_distributed, shutdown
-from recipe_runner.train.metrics import MetricsLogger, say
+from recipe_runner.train.metrics import METRIC_KEYS, ORPO_KEYS, MetricsLogger, host_metrics, metric_vector, say
 from recipe_runner.train.optim import build_optimizer
 from recipe_runner.train.precision import make_autocast, param_dtype
 from recipe_runner.train.provenance import resolve_run_dir, write_provenance
 from recipe_runner.train.schedulers import build_scheduler
-
-METRIC_KEYS = ("reduced_train_loss", "chosen_rewards", "rejected_rewards", "reward_margin", "reward_accuracy",
-               "chosen_logps", "rejected_logps")
-ORPO_KEYS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
-
-
-@functools.lru_cache(maxsize=2)  # one permutation per epoch, not one per step
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]:
-    if not shuffle:
-        return tuple(range(n))
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    return tuple(torch.randperm(n, generator=g).tolist())
 
 
 class Trainer:
@@ -292,24 +280,14 @@ class Trainer:
     grads_to_none = True  # the xla backend keeps gradient buffers (one graph for every step)
 
     def metric_vector(self, out: dict, weight: torch.Tensor | None = None) -> torch.Tensor:
-        """A forward's per-pair metrics summed (padding pairs weigh 0), then its token count:
-        [keys + 1] on the device. Summed there and read back once per step, since a host read
-        per micro-batch would stall a GPU's queue and cut an XLA graph."""
-        src = {"reduced_train_loss": "loss"}
-        per_pair = torch.stack([out[src.get(k, k)].detach().to(self.metric_dtype) for k in self.keys])
-        if weight is not None:
-            per_pair = per_pair * weight
-        return torch.cat([per_pair.sum(-1), out["tokens"].detach().reshape(1).to(self.metric_dtype)])
+        return metric_vector(out, self.keys, self.metric_dtype, weight)
 
     def _reduce_metrics(self, acc: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel ranks; every rank reduces, even one with no pairs (a seam)."""
         return all_reduce_sum(acc, self.dist)
 
     def _to_host(self, acc: torch.Tensor, n_pairs: int) -> dict[str, float]:
-        v = acc.cpu().double().tolist()
-        out = {k: v[i] / n_pairs for i, k in enumerate(self.keys)}
-        out["tokens"] = v[-1]
-        return out
+        return host_metrics(acc, self.keys, n_pairs)
 
     def _synced(self) -> None:
         """After each forward (a seam: the xla backend cuts its graph here)."""
@@ -408,8 +386,7 @@ class Trainer:
         every_ckpt = em.checkpoint_callback_params.every_n_train_steps
         if self.step >= self.max_steps:
             say(f"nothing to do: step {self.step} already reached max_steps {self.max_steps}", self.main)
-            self.logger.close()
-            shutdown(self.dist)
+            self._close()
             return self.run_dir
         if self.step == 0 and self.val_ex:  # the baseline: policy == reference, rewards 0, accuracy 0
             self.logger.log(0, self.max_steps, self.validate(), prefix="val_")
@@ -440,6 +417,14 @@ class Trainer:
             self.logger.log(self.step, self.max_steps, self.validate(), prefix="val_")
         if not ckpt.list_checkpoints(self.run_dir) or ckpt.list_checkpoints(self.run_dir)[-1][0] < self.step:
             self.save()
-        self.logger.close()
-        shutdown(self.dist)
+        self._close()
         return self.run_dir
+
+    def _close(self) -> None:
+        """Flush the logs; release DDP's reducer before the process group it talks through goes
+        (the other order can abort a rank at exit), then leave together."""
+        self.logger.close()
+        if self.ddp is not None:
+            self.ddp = None
+            gc.collect()  # DDP's hooks hold references in cycles: free the reducer now, not at exit
+        shutdown(self.dist)

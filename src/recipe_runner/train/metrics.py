@@ -11,10 +11,36 @@ import sys
 import time
 from pathlib import Path
 
+# Per-pair metrics every step and validation reports (averaged over the pairs of the global batch).
+METRIC_KEYS = ("reduced_train_loss", "chosen_rewards", "rejected_rewards", "reward_margin", "reward_accuracy",
+               "chosen_logps", "rejected_logps")
+ORPO_KEYS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
 # Order of the progress line: the seed's fields first, then ours.
 LINE_ORDER = ("consumed_samples", "reduced_train_loss", "chosen_rewards", "rejected_rewards", "reward_margin",
               "reward_accuracy", "chosen_logps", "rejected_logps", "loss", "nll_loss", "log_odds_ratio", "log_odds_chosen", "lr", "parameter_norm",
               "gradient_norm", "throughput", "throughput_peak", "tokens_per_s")
+
+
+def metric_vector(out: dict, keys: tuple[str, ...], dtype, weight=None):
+    """A forward's per-pair metrics summed (padding pairs weigh 0), then its token count: [keys
+    + 1] on the device. Summed there and read back once per step (host_metrics), since a host
+    read per micro-batch would stall a GPU's queue and cut an XLA graph."""
+    import torch
+
+    src = {"reduced_train_loss": "loss"}
+    per_pair = torch.stack([out[src.get(k, k)].detach().to(dtype) for k in keys])
+    if weight is not None:
+        per_pair = per_pair * weight
+    return torch.cat([per_pair.sum(-1), out["tokens"].detach().reshape(1).to(dtype)])
+
+
+def host_metrics(acc, keys: tuple[str, ...], n_pairs: int) -> dict[str, float]:
+    """Means over n_pairs of a summed metric vector, and its token count, on the host."""
+    v = acc.cpu().double().tolist()
+    out = {k: v[i] / n_pairs for i, k in enumerate(keys)}
+    out["tokens"] = v[-1]
+    return out
 
 
 def _fmt(key: str, v) -> str:

@@ -82,7 +82,7 @@ class NxdTrainer(XlaTrainer):
         self.pad_to = d.seq_length
         self._loader = None
         from recipe_runner.data.packing import MAX_PAIRS_PER_ROW
-        from recipe_runner.train.loop import METRIC_KEYS, ORPO_KEYS
+        from recipe_runner.train.metrics import METRIC_KEYS, ORPO_KEYS
 
         self.keys = METRIC_KEYS + (ORPO_KEYS if recipe.algorithm == "orpo" else ())
         # packed rows as in Trainer.__init__: the parallel attention takes the block mask and
