@@ -269,7 +269,15 @@ def generate(out: str, pretrain_steps: int = 300) -> None:
     """Write all assets into `out` (replaced as a whole, so a failed run leaves the old ones)."""
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one thread: the same float sums in the same order on every run
+    try:
+        _generate(out, pretrain_steps)
+    finally:
+        torch.set_num_threads(threads)  # a caller (the tests) keeps its own thread count
+
+
+def _generate(out: str, pretrain_steps: int) -> None:
     train, val = make_rows()
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)

@@ -91,7 +91,9 @@ def test_model_regenerates(script, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "tiny"
+    threads = torch.get_num_threads()
     script.generate(str(out))
+    assert torch.get_num_threads() == threads  # generating runs on one thread, then gives the caller's count back
     for name in ("model/config.json", "README.md", "train.jsonl", "model/tokenizer.json"):
         assert (out / name).read_bytes() == open(os.path.join(TINY_DIR, name), "rb").read(), name
     new = load_file(str(out / "model" / "model.safetensors"))

@@ -96,7 +96,8 @@ def test_sigkill_and_resume_equals_uninterrupted(uninterrupted, tmp_path, cache)
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "recipe_runner.cli", "train", str(REPO / "recipes/tiny-dpo.yaml"),
            *overrides(run_dir, cache, *SMALL)]
-    env = dict(os.environ, RECIPE_RUNNER_GIT_COMMIT=COMMIT)
+    # the same thread count as this process, which runs the other half: other counts sum floats in another order
+    env = dict(os.environ, RECIPE_RUNNER_GIT_COMMIT=COMMIT, OMP_NUM_THREADS=str(torch.get_num_threads()))
     with open(tmp_path / "stderr.txt", "wb") as err_file:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
         try:
