@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipe_runner.data.batches import collate_pairs
+from recipe_runner.data.batches import collate_pairs, limit_batches
 
 PAD = 9
 EXAMPLES = [
@@ -48,3 +48,13 @@ def test_dynamic_padding_rounds_up_to_a_multiple():
 def test_row_longer_than_pad_to_is_an_error():
     with pytest.raises(ValueError, match="pad_to=4"):
         collate_pairs(EXAMPLES, pad_id=PAD, pad_to=4)
+
+
+def test_limit_val_batches_fraction_count_or_all():
+    pairs = list(range(10))
+    assert limit_batches(pairs, 0.25, batch_pairs=4) == [0, 1]  # int(10 * 0.25)
+    assert limit_batches(pairs, 0.01, batch_pairs=4) == [0]  # a fraction keeps at least one pair
+    assert limit_batches(pairs, 2, batch_pairs=4) == list(range(8))  # two batches of micro-batch x ranks
+    assert limit_batches(pairs, 5, batch_pairs=4) == pairs  # more batches than there are: all
+    assert limit_batches(pairs, 1.0, batch_pairs=4) == pairs
+    assert limit_batches(pairs, True, batch_pairs=4) == pairs  # a YAML boolean is not a count

@@ -57,3 +57,14 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> tuple[int, ...]
         return tuple(range(n))
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
     return tuple(torch.randperm(n, generator=g).tolist())
+
+
+def limit_batches(examples: list, limit: float | int, batch_pairs: int) -> list:
+    """The pairs `trainer.limit_val_batches` allows (Lightning's meaning): a float below 1 is a
+    fraction (at least one pair), an int >= 1 that many batches of `batch_pairs` (micro-batch x
+    data-parallel ranks), anything else (1.0) all of them. 0 never gets here: it skips loading."""
+    if isinstance(limit, float) and limit < 1.0:
+        return examples[: max(1, int(len(examples) * limit))]
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
+        return examples[: limit * batch_pairs]
+    return examples

@@ -48,29 +48,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _from_recipe(args: argparse.Namespace) -> dict | None:
     """Settings for HF -> NxD from a recipe; explicit flags win. None when the recipe converts nothing."""
-    try:
-        from recipe_runner.recipe import load_recipe
-    except ImportError as e:  # pragma: no cover - only in a partial build
-        raise UserError(f"the RECIPE form needs recipe_runner.recipe ({e}); use --from/--to/--input/--output") from e
-    overrides = list(args.overrides)
-    recipe = load_recipe(args.recipe, overrides)
-    section = getattr(getattr(recipe, "runner", None), "convert_checkpoint", None)
+    from recipe_runner.recipe import load_recipe  # here: the flag form runs without the recipe stack
+
+    recipe = load_recipe(args.recipe, list(args.overrides))
+    section = recipe.runner.convert_checkpoint
     if section is None and not (args.input and args.output):
         print(f"{args.recipe}: runner.convert_checkpoint is not set; nothing to convert")
         return None
     ds, model, exp = recipe.distributed_strategy, recipe.model, recipe.exp_manager
-    config = getattr(model, "model_config_path", None)
 
     def pick(flag, value):
         return value if flag is None else flag
 
     return dict(
-        input=args.input or getattr(section, "input", None), output=args.output or getattr(section, "output", None),
-        hf_config=args.config or (config if isinstance(config, str) else None),
+        input=args.input or (section and section.input), output=args.output or (section and section.output),
+        hf_config=args.config or model.model_config_path,
         tp_size=pick(args.tp_size, ds.tensor_model_parallel_size), pp_size=pick(args.pp_size, ds.pipeline_model_parallel_size),
-        kv_size_multiplier=pick(args.kv_size_multiplier, getattr(ds, "kv_replicator", 1)),
-        qkv_linear=pick(args.qkv_linear, getattr(model, "qkv_linear", True)), fuse_qkv=pick(args.fuse_qkv, getattr(model, "fuse_qkv", False)),
-        save_xser=pick(args.save_xser, getattr(exp, "load_xser", True)),
+        kv_size_multiplier=pick(args.kv_size_multiplier, ds.kv_replicator),
+        qkv_linear=pick(args.qkv_linear, model.qkv_linear), fuse_qkv=pick(args.fuse_qkv, model.fuse_qkv),
+        save_xser=pick(args.save_xser, exp.load_xser),
     )
 
 

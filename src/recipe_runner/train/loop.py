@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from recipe_runner.data.batches import collate_pairs, epoch_order
+from recipe_runner.data.batches import collate_pairs, epoch_order, limit_batches
 from recipe_runner.data.cache import cache_key
 from recipe_runner.data.packing import MAX_PAIRS_PER_ROW, group_pairs, pack_pairs
 from recipe_runner.data.dataset import load_tokenized, load_tokenizer
@@ -63,8 +63,7 @@ class Trainer:
         # several pairs per row / each prompt once (data/packing.py); same numbers. A packed row is
         # 2 x seq_length wide, room for any pair as [prompt | chosen | rejected], and a forward has
         # micro_batch_size of them: the tokens of the unpacked [2 x micro_batch_size, seq_length].
-        self.packing = bool(getattr(recipe.runner.data, "packing", False))
-        self.sharing = bool(getattr(recipe.runner.data, "prefix_sharing", False))
+        self.packing, self.sharing = recipe.runner.data.packing, recipe.runner.data.prefix_sharing
         self.pack_width = 2 * d.seq_length
         self.pairs_per_forward = self.mbs * MAX_PAIRS_PER_ROW  # static shapes only
         self.ddp = None  # DistributedDataParallel over the policy call under torchrun (setup)
@@ -339,19 +338,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=self.grads_to_none)
         return self._step_values(step, acc, grad_norm, lr)
 
-    def val_examples(self) -> list[dict]:
-        """The validation pairs `trainer.limit_val_batches` allows (float: fraction; int: batches)."""
-        examples, limit = self.val_ex, self.r.trainer.limit_val_batches
-        if isinstance(limit, float) and limit < 1.0:
-            return examples[: max(1, int(len(examples) * limit))]
-        if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1:
-            return examples[: limit * self.mbs * self.dist.world]
-        return examples
-
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         self.model.eval()
-        examples = self.val_examples()
+        examples = limit_batches(self.val_ex, self.r.trainer.limit_val_batches, self.mbs * self.dist.world)
         acc = torch.zeros(len(self.keys) + 1, dtype=self.metric_dtype, device=self.device)
         for chunk, weight in self.forwards(examples, val=True):
             acc = acc + self.metric_vector(self.pair_metrics(chunk, "val"), weight)
@@ -415,7 +405,8 @@ class Trainer:
                 self.save()
         if self.val_ex:
             self.logger.log(self.step, self.max_steps, self.validate(), prefix="val_")
-        if not ckpt.list_checkpoints(self.run_dir) or ckpt.list_checkpoints(self.run_dir)[-1][0] < self.step:
+        saved = ckpt.list_checkpoints(self.run_dir)
+        if not saved or saved[-1][0] < self.step:
             self.save()
         self._close()
         return self.run_dir
