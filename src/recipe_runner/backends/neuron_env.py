@@ -36,7 +36,7 @@ def is_remote_cache(url: str | None) -> bool:
 
 def compile_cache_dir(recipe) -> str:
     """Where compiled graphs (NEFFs) live: the recipe's compiler_cache_url, else the compiler default."""
-    url = getattr(recipe, "compiler_cache_url", None)
+    url = recipe.compiler_cache_url
     if url:
         return str(url)[len("file://"):] if str(url).startswith("file://") else str(url)
     return DEFAULT_CACHE_DIR

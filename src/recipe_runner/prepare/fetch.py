@@ -72,26 +72,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def recipe_sources(recipe_path: str, overrides: list[str]) -> dict[str, dict[str, Any]]:
-    """runner.sources of the recipe as plain dicts (pydantic models or mappings both accepted)."""
-    try:
-        from recipe_runner.recipe import load_recipe
-    except ImportError as e:
-        raise UserError(f"recipe loading is not available in this build ({e}); use --uri/--dest") from e
-    recipe = load_recipe(recipe_path, overrides)
-    sources = _field(_field(recipe, "runner"), "sources") or {}
+    """runner.sources of the recipe as plain dicts."""
+    from recipe_runner.recipe import load_recipe
+
     out = {}
-    for name, entry in dict(sources).items():
-        item = {k: _field(entry, k) for k in ("uri", "dest", "sha256", "revision")}
-        if not item["uri"] or not item["dest"]:
+    for name, source in load_recipe(recipe_path, overrides).runner.sources.items():
+        if not source.uri or not source.dest:
             raise UserError(f"{recipe_path}: runner.sources.{name} needs both `uri` and `dest`")
-        out[str(name)] = item
+        out[name] = source.model_dump()
     return out
-
-
-def _field(obj: Any, key: str) -> Any:
-    if obj is None:
-        return None
-    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
 
 def fetch(uri: str, dest: str | os.PathLike, sha256: str | None = None, revision: str | None = None,

@@ -85,11 +85,10 @@ def recipe_settings(recipe_path: str, overrides: list[str]) -> dict[str, Any] | 
     section = recipe.runner.prepare_data
     if section is None:
         return None
-    cfg = section.model_dump() if hasattr(section, "model_dump") else dict(section)
-    if cfg.get("chat_template") and not cfg.get("tokenizer"):
-        cfg["tokenizer"] = getattr(getattr(recipe.data, "tokenizer", None), "type", None)
-    return {k: cfg.get(k) for k in ("input", "output", "format", "fields", "chat_template", "tokenizer",
-                                    "validation_fraction", "validation_output", "split_seed")}
+    cfg = section.model_dump()
+    if cfg["chat_template"] and not cfg["tokenizer"]:
+        cfg["tokenizer"] = recipe.data.tokenizer.type  # the run's own tokenizer renders the template
+    return cfg
 
 
 def prepare(input: str, output: str, format: str = "preference", fields: dict[str, str] | None = None,
